@@ -1,0 +1,230 @@
+"""Run configuration: typed, nested dataclasses whose defaults are the paper's values, filled from YAML.
+
+A module of its own (not part of train.py) because train.py, eval.py and the bench/ scripts all read
+the same configuration, and importing it must not pull in the trainer's distributed machinery.
+
+    cfg = load_config("configs/qwen3_8b.yaml", ["optim.lr=2e-6", "rollout.group_size=8"])
+    cfg.optim.lr  # 2e-06
+
+Every knob of a run lives here, with its paper value (DESIGN.md §1) as the default and a one-line
+comment. The loader is strict so that a typo cannot silently fall back to a default: an unknown key
+is an error listing the valid keys at that level, and a value of the wrong type is an error naming
+the key and the type it needs. YAML 1.1 reads `1e-6` (no dot) as a string; float fields accept such
+strings, since that is what the user meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override the user must fix; the message says what and how."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass
+class ModelConfig:
+    path: str = "Qwen/Qwen3-8B-Base"  # local checkpoint directory or Hugging Face hub id
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # parameter dtype (optimizer state is fp32)
+    activation_checkpointing: bool = True  # recompute each block in backward
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/deepscaler.jsonl"  # JSONL or parquet of training problems
+    problem_key: str = "problem"  # field holding the problem text
+    answer_key: str = "answer"  # field holding the gold answer
+    shuffle: bool = True  # reshuffle the training problems every epoch
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 16  # G: solution rollouts per prompt
+    meta_group_size: int = 16  # M: meta-prediction rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 disables top-k
+    max_prompt_tokens: int = 2048
+    max_response_tokens: int = 8192  # also the length range the meta prompt states
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128  # B: prompts per optimizer step (global, across ranks)
+    total_steps: int = 314  # one epoch of DeepScaleR (40,315 problems) at 128 prompts per step
+    ppo_epochs: int = 1  # passes over each batch; 1 keeps the update fully on-policy
+    mini_batches: int = 1  # optimizer steps per pass; 1 is the paper's setting
+    micro_batch_tokens: int = 16384  # tokens per forward/backward micro-batch on one GPU
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2  # PPO ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher)
+    clip_high: float = 0.28
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "constant"] = "token-mean"
+    kl_coef: float = 0.0  # k3 KL to the initial policy; the paper uses none
+    entropy_coef: float = 0.0  # entropy bonus; the paper uses none
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6  # AdamW
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 20  # linear warmup, then constant
+    grad_clip: float = 1.0  # global gradient-norm clip
+
+
+@dataclass
+class MetaConfig:
+    pass_rate_base: float = 0.01  # b in the pass-rate reward b ** |p_true - pass_rate / G|
+
+
+@dataclass
+class EfficientConfig:
+    """MASA-efficient's mechanisms; each switch is one ablation."""
+    gating: bool = False  # skip solution rollouts of prompts predicted all-correct or all-wrong
+    gate_start_step: int = 80  # gating starts once the meta predictions are trained
+    gate_std: float = 0.1  # gate only when the M predicted pass rates agree (std below this)
+    gate_eps: float = 0.05  # ... and their mean is <= eps or >= 1 - eps (the paper gives no value)
+    cutoff: bool = False  # stop solution rollouts past cutoff_factor x the predicted length
+    cutoff_factor: float = 2.0
+    hints: bool = False  # append one meta rollout's notions to the solution prompt
+    behaviour_cloning: bool = False  # supervised steps on expert meta trajectories
+    # The paper's code leaves the three below unset; these are this project's choices.
+    bc_threshold: float = 0.9  # an expert's meta reward must reach this
+    bc_batch_size: int = 32  # experts per behaviour-cloning step
+    bc_lr: float = 1e-6
+    audit_every: int = 10  # every N steps also run what gating/cutoff skipped, to measure precision
+
+
+@dataclass
+class ValidationConfig:
+    path: str | None = None  # held-out problems (JSONL or parquet); null disables validation
+    every: int = 5  # optimizer steps between validations
+    samples: int = 1  # responses per problem
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 0.7
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/qwen3_8b_masa"  # checkpoints, metrics.jsonl and the resolved config go here
+    every: int = 10  # optimizer steps between checkpoints (and one at the end)
+    keep: int = 3  # most recent checkpoints kept
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False  # also log to Weights & Biases when it is installed
+    wandb_project: str = "masa"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    algorithm: Literal["grpo", "masa", "masa_efficient"] = "masa"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    efficient: EfficientConfig = field(default_factory=EfficientConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- the YAML file at `path` (if any) <- `a.b=value` overrides, in that order."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections at the top level")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        *sections, leaf = key.split(".")
+        target = raw
+        for part in sections:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        target[leaf] = yaml.safe_load(text)
+    return from_dict(Config, raw)
+
+
+def from_dict(cls, raw: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value against the schema."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        name = f"{where}{key}"
+        if key not in hints:
+            level = f"in section {where[:-1]!r}" if where else "at the top level"
+            raise ConfigError(f"unknown config key {name!r}; valid keys {level}: {', '.join(valid)}")
+        values[key] = _convert(value, hints[key], name)
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} is a section; give it a mapping, not {value!r}")
+        return from_dict(hint, value, f"{name}.")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # only `X | None` occurs in the schema
+        if value is None:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {name!r} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {name!r} expects a list, got {value!r}")
+        return [_convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {name!r} expects {hint.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved configuration as plain data (saved next to every checkpoint)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random Qwen3 checkpoints written by transformers, the independent reference."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Tiny shapes that still exercise what real checkpoints vary: tied and untied embeddings, key/value
+# head ratios 1, 2 and 4, a head_dim other than hidden / heads, attention biases, a non-default theta.
+TINY_HF_CONFIGS = {
+    "tied-mha": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=True),
+    "untied-gqa2-wide-heads": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                   tie_word_embeddings=False, rope_theta=1_000_000.0),
+    "tied-gqa4-bias": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                           tie_word_embeddings=True, attention_bias=True),
+}
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A random transformers Qwen3ForCausalLM in float32. Every parameter, norms and biases included,
+    is perturbed away from its init, so a norm or bias that is skipped or misplaced shows up."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  rope_theta=10_000.0, max_position_embeddings=256)
+    kwargs.update(overrides)
+    model = Qwen3ForCausalLM(Qwen3Config(**kwargs)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: save a random transformers Qwen3 to a fresh directory; returns (hf_model, path)."""
+    def build(name: str = "untied-gqa2-wide-heads", seed: int = 0, **save_kwargs):
+        hf = make_hf_model(seed, **TINY_HF_CONFIGS[name])
+        path = tmp_path / f"hf-{name}-{seed}"
+        hf.save_pretrained(path, **save_kwargs)
+        return hf, path
+    return build

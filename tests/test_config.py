@@ -1,0 +1,113 @@
+"""config.py: the YAML files load into typed dataclasses, and every mistake a user can make is named."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import Config, ConfigError, load_config, to_dict
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_values():
+    cfg = Config()  # DESIGN.md §1, written out independently of config.py
+    assert (cfg.rollout.group_size, cfg.rollout.meta_group_size) == (16, 16)
+    assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 1.0)
+    assert (cfg.rollout.max_prompt_tokens, cfg.rollout.max_response_tokens) == (2048, 8192)
+    assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.aggregation) == (0.2, 0.28, "token-mean")
+    assert (cfg.loss.kl_coef, cfg.loss.entropy_coef) == (0.0, 0.0)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.grad_clip) == (1e-6, 0.1, 20, 1.0)
+    assert (cfg.train.batch_size, cfg.train.ppo_epochs, cfg.train.mini_batches) == (128, 1, 1)
+    assert cfg.meta.pass_rate_base == 0.01
+    assert (cfg.efficient.gate_std, cfg.efficient.cutoff_factor, cfg.efficient.gate_start_step) == (0.1, 2.0, 80)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_qwen3_8b_yaml_states_every_key_with_the_default_value():
+    # The paper run is written out in full; it must agree with the defaults it documents.
+    raw = yaml.safe_load((Path(__file__).parent.parent / "configs" / "qwen3_8b.yaml").read_text())
+    defaults = to_dict(Config())
+    assert raw.keys() == defaults.keys()
+    for section, values in defaults.items():
+        if isinstance(values, dict):
+            assert raw[section].keys() == values.keys(), section
+    assert load_config(Path(__file__).parent.parent / "configs" / "qwen3_8b.yaml") == Config()
+
+
+def test_overrides_apply_in_order_and_are_typed(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("optim:\n  lr: 3.0e-6\nrollout:\n  group_size: 8\n")
+    cfg = load_config(file, ["optim.lr=2e-6", "rollout.top_k=20", "validation.path=/data/math500.jsonl",
+                             "algorithm=grpo", "optim.betas=[0.9, 0.95]", "log.wandb=true"])
+    assert cfg.optim.lr == 2e-6 and isinstance(cfg.optim.lr, float)
+    assert (cfg.rollout.group_size, cfg.rollout.top_k) == (8, 20)
+    assert cfg.validation.path == "/data/math500.jsonl"
+    assert cfg.algorithm == "grpo" and cfg.optim.betas == [0.9, 0.95] and cfg.log.wandb is True
+    assert cfg.optim.weight_decay == 0.1  # untouched keys keep their defaults
+
+
+def test_yaml_float_without_a_dot_is_read_as_a_float(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("optim:\n  lr: 1e-6\n")  # YAML 1.1 parses this as the string '1e-6'
+    assert load_config(file).optim.lr == 1e-6
+
+
+def test_integer_for_a_float_key_is_accepted():
+    assert load_config(None, ["rollout.temperature=1"]).rollout.temperature == 1.0
+
+
+def test_null_is_accepted_only_where_optional():
+    assert load_config(None, ["validation.path=null"]).validation.path is None
+    with pytest.raises(ConfigError, match="'data.train_path' expects str"):
+        load_config(None, ["data.train_path=null"])
+
+
+def test_unknown_key_lists_the_valid_keys_at_its_level(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("optim:\n  learning_rate: 1.0e-6\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(file)
+    message = str(err.value)
+    assert "'optim.learning_rate'" in message
+    for key in (f.name for f in dataclasses.fields(Config().optim)):
+        assert key in message
+
+
+def test_unknown_section_lists_the_sections():
+    with pytest.raises(ConfigError, match="'optimizer'; valid keys at the top level: .*model.*optim"):
+        load_config(None, ["optimizer.lr=1"])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("rollout.group_size=sixteen", "'rollout.group_size' expects int, got 'sixteen'"),
+    ("rollout.group_size=16.5", "'rollout.group_size' expects int, got 16.5"),
+    ("rollout.group_size=true", "'rollout.group_size' expects int, got True"),
+    ("optim.lr=fast", "'optim.lr' expects float, got 'fast'"),
+    ("log.wandb=1", "'log.wandb' expects bool, got 1"),
+    ("loss.aggregation=mean", r"'loss.aggregation' must be one of \['token-mean'"),
+    ("optim.betas=0.9", "'optim.betas' expects a list"),
+    ("optim=1", "'optim' is a section"),
+])
+def test_wrong_type_names_the_key_and_the_expected_type(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_malformed_override_is_explained():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_missing_or_broken_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
