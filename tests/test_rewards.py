@@ -1,0 +1,360 @@
+"""rewards.py: grading verdicts against a hand-written table, real MATH solutions, hostile input,
+meta-prediction parsing on realistic model output, and meta rewards computed by hand."""
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards import (GraderPool, MetaPrediction, Outcome, extract_answer, grade, grade_batch, meta_reward,
+                     normalize, normalize_notion, parse_meta)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = GraderPool(workers=2, timeout=5.0)
+    yield p
+    p.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extraction
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"so the answer is $\boxed{42}$.", "42"),
+    (r"\boxed{1} at first, but then \boxed{2}", "2"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+    (r"nested \boxed{x^{2^{3}}} done", r"x^{2^{3}}"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed 5 is it", "5"),
+    (r"<think>maybe \boxed{3}</think> The answer is \boxed{4}", "4"),
+    (r"<think>the answer is \boxed{3}</think> so I conclude 3", None),  # only the text after </think>
+    (r"\boxed{12", None),  # cut off inside the box
+    (r"\boxed{5} and then \boxed{6", "5"),  # the last *complete* box
+    ("The answer is 12.", None),  # no box, no answer: no last-number fallback
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Equivalence: (gold, predicted, verdict)
+
+EQUIVALENCE = [
+    # fractions and decimals
+    (r"\frac{1}{2}", "0.5", True), ("0.5", r"\frac{1}{2}", True), (r"\frac{3}{4}", "0.75", True),
+    (r"\frac{1}{3}", "0.333", False), (r"\frac{1}{3}", "0.3333333", False), ("2.50", r"\frac{5}{2}", True),
+    (r"\frac{7}{2}", "3.5", True), (r"-\frac{1}{4}", "-0.25", True), (r"\frac{-1}{4}", r"-\frac14", True),
+    (r"\frac{12}{5}", r"\frac125", False), ("10", "10.0", True), ("6", "6.0000001", False),
+    # \dfrac, \tfrac
+    (r"\dfrac{2}{3}", r"\frac{2}{3}", True), (r"\tfrac{2}{3}", r"\dfrac{2}{3}", True),
+    (r"\frac{2}{3}", r"\frac{3}{2}", False),
+    # \left( \right)
+    (r"\left(1, 2\right)", "(1,2)", True), (r"\left[0, 1\right)", "[0,1)", True),
+    # intervals: open and closed ends matter
+    ("(1,2)", "[1,2]", False), ("[1,2]", "[1, 2]", True), (r"(-\infty, 3]", r"(-\infty, 3)", False),
+    (r"(-\infty,0)\cup(1,\infty)", r"(-\infty, 0) \cup (1, \infty)", True), ("[2,5)", "(2,5]", False),
+    # several answers, in any order
+    ("1, 2", "2, 1", True), ("-3, 5", "5, -3", True), ("1, 2", "1, 3", False), ("1, 2, 3", "1, 2", False),
+    (r"\{1, 2\}", r"\{2, 1\}", True),
+    # units and degrees
+    (r"5\text{ cm}", "5", True), ("12", r"12\text{ inches}", True), (r"5\text{ cm}^2", "5", True),
+    (r"30^\circ", "30", True), (r"30^{\circ}", r"30^\circ", True), ("30", r"60^\circ", False),
+    # percent
+    (r"25\%", "25", True), (r"25\%", "0.25", True), (r"25\%", "25%", True), (r"25\%", "2.5", False),
+    # thousands separators and money
+    ("1{,}000", "1000", True), ("1,000,000", "1000000", True), ("10{,}080", "10080", True),
+    ("1,000", "1000.5", False), (r"\$1.50", "1.5", True),
+    # signs
+    ("-5", "-5", True), ("-5", "5", False), ("+7", "7", True), (r"-\frac{1}{2}", r"\frac{-1}{2}", True),
+    (r"-\frac{1}{2}", r"\frac{1}{2}", False),
+    # pi and roots
+    (r"2\pi", r"2 \pi", True), (r"\pi", "3.14159", False), (r"\frac{\pi}{2}", r"\frac{1}{2}\pi", True),
+    (r"2\sqrt{3}", r"\sqrt{12}", True), (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}", True),
+    (r"\sqrt{2}", r"\sqrt{3}", False), (r"3\sqrt{2}", r"\sqrt{18}", True), (r"\sqrt2", r"\sqrt{2}", True),
+    # multiple-choice letters
+    (r"\text{(C)}", "C", True), (r"\text{(C)}", "(C)", True), (r"\text{(C)}", r"\text{(D)}", False),
+    (r"\textbf{(B)}", "B", True),
+    # scientific notation
+    (r"1.2\times10^{3}", "1200", True), (r"3\times 10^{-2}", "0.03", True),
+    (r"6.02 \times 10^{23}", r"6.02\times10^{23}", True), (r"1.2\times10^{3}", "120", False), ("1.5e3", "1500", True),
+    # expressions, equations, words, matrices
+    ("x^2+2x+1", "(x+1)^2", True), ("x^2+2x+1", "(x-1)^2", False), ("x=5", "5", True),
+    (r"\frac{x+1}{2}", r"\frac{1}{2}x + \frac{1}{2}", True), (r"\text{Monday}", "Monday", True),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}", True),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix}2\\1\end{pmatrix}", False),
+    # math-verify's known false positives: tolerance-based numeric equality, and an equation's right side
+    (r"\frac{1}{2^{99}}", r"\frac{1}{2^{98}}", False), (r"\frac{1}{2004!}", r"\frac{1}{2006!}", False),
+    (r"1-\frac{1}{e}", r"1+\frac{1}{e}", False), ("0", "2x - y + 2z - 18 = 0", False),
+]
+
+
+@pytest.fixture(scope="module")
+def verdicts(pool):
+    grades = grade_batch([rf"The answer is $\boxed{{{pred}}}$." for _, pred, _ in EQUIVALENCE],
+                         [gold for gold, _, _ in EQUIVALENCE], pool)
+    assert grades.timeouts == 0 and grades.errors == 0
+    return dict(zip([(g, p) for g, p, _ in EQUIVALENCE], grades.correct))
+
+
+def test_the_table_is_large_enough():
+    assert len(EQUIVALENCE) >= 60 and len({(g, p) for g, p, _ in EQUIVALENCE}) == len(EQUIVALENCE)
+
+
+@pytest.mark.parametrize("gold,pred,expected", EQUIVALENCE)
+def test_equivalence(verdicts, gold, pred, expected):
+    assert verdicts[(gold, pred)] is expected
+
+
+def test_no_box_scores_zero_even_with_the_right_number(pool):
+    assert grade("The answer is 42", "42", pool) is False
+
+
+def test_grading_works_from_a_thread(pool):
+    # math-verify's signal-based timeouts fail outside the main thread; ours must not depend on them.
+    result = []
+    thread = threading.Thread(target=lambda: result.append(grade(r"\boxed{\sqrt{12}}", r"2\sqrt{3}", pool)))
+    thread.start()
+    thread.join(60)
+    assert result == [True]
+
+
+def test_normalize_keeps_the_value():
+    assert normalize(r"\left( \dfrac{1}{2}, 3 \right)")[0] == r"(\frac{1}{2},3)"
+    assert normalize(r"50\%") == ("50", True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real data: the MATH training solutions
+
+
+@pytest.fixture(scope="module")
+def math_train():
+    file = SHARED_DATA / "train" / "math_train.jsonl"
+    if not file.is_file():
+        pytest.skip(f"{file} not present")
+    return [json.loads(line) for line in file.open()]
+
+
+def test_math_solutions_are_accepted_against_their_own_answers(math_train, pool):
+    grades = grade_batch([r["solution"] for r in math_train], [r["answer"] for r in math_train], pool)
+    rate = sum(grades.correct) / len(math_train)
+    print(f"\nMATH train: {sum(grades.correct)}/{len(math_train)} solutions accepted against their own "
+          f"answer ({rate:.2%}); timeouts {grades.timeouts}, errors {grades.errors}")
+    assert rate >= 0.995
+
+
+def test_math_solutions_are_rejected_against_other_answers(math_train, pool):
+    # Each solution against the answer of a random other problem whose answer differs (as text, and
+    # as a number where both are numbers: "48" and "48.0" are the same answer).
+    def same(a, b):
+        try:
+            return float(a) == float(b)
+        except ValueError:
+            return a.replace(" ", "") == b.replace(" ", "")
+
+    rng = random.Random(0)
+    others = []
+    for row in math_train:
+        other = rng.choice(math_train)
+        while same(other["answer"], row["answer"]):
+            other = rng.choice(math_train)
+        others.append(other["answer"])
+    grades = grade_batch([r["solution"] for r in math_train], others, pool)
+    rate = sum(grades.correct) / len(math_train)
+    print(f"\nMATH train: {sum(grades.correct)}/{len(math_train)} solutions accepted against another "
+          f"problem's answer ({rate:.3%}); timeouts {grades.timeouts}, errors {grades.errors}")
+    assert rate <= 0.002
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hostile input
+
+
+def test_hostile_responses_score_zero_quickly_and_execute_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    pool = GraderPool(workers=2, timeout=2.0)
+    try:
+        hostile = [
+            "x" * 100_000 + r"\boxed{" + "9" * 50,  # long, unbalanced
+            r"\boxed{" * 5000,  # many unclosed boxes
+            r"\boxed{{{{{{{{}" + "}" * 3,
+            bytes(range(256)).decode("latin-1") * 300 + r"\boxed{\x00\xff}",
+            r"\boxed{9^{9^{9^{9}}}}",  # sympy would try to compute it
+            rf"\boxed{{__import__('os').system('touch {marker}')}}",
+            rf"\boxed{{\text{{__import__('pathlib').Path('{marker}').touch()}}}}",
+            rf"\boxed{{eval(\"open('{marker}','w')\")}}",
+            r"\boxed{" + "(" * 400 + "1" + ")" * 400 + "}",
+            r"\boxed{\frac{1}{0}}",
+        ]
+        start = time.monotonic()
+        grades = grade_batch(hostile, ["3"] * len(hostile), pool)
+        elapsed = time.monotonic() - start
+        assert grades.correct == [False] * len(hostile)
+        assert not marker.exists()
+        # two workers, each item at most one 2 s timeout (plus a worker restart after a kill)
+        assert elapsed < 60
+        assert grade(r"\boxed{\sqrt{12}}", r"2\sqrt{3}", pool)  # the pool still works
+    finally:
+        pool.close()
+
+
+def test_a_timeout_kills_and_replaces_the_worker():
+    pool = GraderPool(workers=1, timeout=1.0)
+    try:
+        grades = grade_batch([r"\boxed{9^{9^{9^{9}}}}", r"\boxed{\sqrt{8}}"], ["3", r"2\sqrt{2}"], pool)
+        assert grades.correct == [False, True]
+        assert grades.timeouts == 1 and pool.timeouts == 1
+    finally:
+        pool.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Meta-prediction parsing
+
+
+@pytest.mark.parametrize("text,expected", [
+    # compact, then pretty-printed, then any key order
+    ('{"math_notion": ["carry"], "pass_rate": 12, "solution_length": 300}', (12, 300, ["carry"])),
+    ('</meta>\n{\n  "math_notion": [\n    "modular arithmetic",\n    "Fermat\'s little theorem"\n  ],\n'
+     '  "pass_rate": 4,\n  "solution_length": 1200\n}', (4, 1200, ["modular arithmetic", "Fermat's little theorem"])),
+    ('{"solution_length": 512, "pass_rate": 16, "math_notion": ["induction"]}', (16, 512, ["induction"])),
+    # single quotes, Python literals, trailing commas
+    ("{'math_notion': ['sine rule', 'area'], 'pass_rate': 3, 'solution_length': 700}", (3, 700, ["sine rule", "area"])),
+    ('{"math_notion": ["a"], "pass_rate": 3, "solution_length": 700, "confident": True}', (3, 700, ["a"])),
+    ('{"math_notion": ["vieta",], "pass_rate": 9, "solution_length": 250,}', (9, 250, ["vieta"])),
+    # code fences and prose around
+    ('Here is my prediction:\n```json\n{"math_notion": ["parity"], "pass_rate": 10, "solution_length": 400}\n```\n'
+     'Hope this helps!', (10, 400, ["parity"])),
+    # the last well-formed object wins; objects in the reasoning come earlier
+    ('<meta>For example {"pass_rate": 1} would mean hard.</meta>\n'
+     '{"math_notion": ["graphs"], "pass_rate": 7, "solution_length": 900}', (7, 900, ["graphs"])),
+    ('{"math_notion": ["x"], "pass_rate": 2, "solution_length": 100}\nActually, revised:\n'
+     '{"math_notion": ["y"], "pass_rate": 5, "solution_length": 150}', (5, 150, ["y"])),
+    ('{"math_notion": ["x"], "pass_rate": 2, "solution_length": 100} then a broken {"pass_rate": 5, "solu',
+     (2, 100, ["x"])),
+    # LaTeX braces around the object do not confuse it
+    (r'We need $\frac{1}{2}$ and \boxed{3}. {"math_notion": ["fractions"], "pass_rate": 8, "solution_length": 60} '
+     r'so $x^{2}$.', (8, 60, ["fractions"])),
+    # numbers written in other types
+    ('{"math_notion": [], "pass_rate": 8.0, "solution_length": "350"}', (8, 350, [])),
+    ('{"math_notion": "algebra, geometry", "pass_rate": 4, "solution_length": 90}', (4, 90, ["algebra", "geometry"])),
+    # missing, wrong-type and out-of-range fields are None; the rest still counts
+    ('{"math_notion": ["sum"], "solution_length": 200}', (None, 200, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": "high", "solution_length": 200}', (None, 200, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": 17, "solution_length": 200}', (None, 200, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": -1, "solution_length": 200}', (None, 200, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": 0.5, "solution_length": 200}', (None, 200, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": true, "solution_length": 200}', (None, 200, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": 3, "solution_length": 99999}', (3, None, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": 3, "solution_length": 0}', (3, None, ["sum"])),
+    ('{"math_notion": ["sum"], "pass_rate": 3, "solution_length": 123456789012345678901234567890123}',
+     (3, None, ["sum"])),
+    ('{"math_notion": [1, "sum", null, ""], "pass_rate": 3, "solution_length": 10}', (3, 10, ["sum"])),
+    ('{"pass_rate": 3, "solution_length": 10, "math_notion": {"a": 1}}', (3, 10, [])),
+    ('{"Pass_Rate": 6, "Solution_Length": 80, "Math_Notion": ["ratio"]}', (6, 80, ["ratio"])),
+])
+def test_parse_meta_reads_what_models_write(text, expected):
+    meta = parse_meta(text, group_size=16, max_length=8192)
+    assert meta is not None
+    assert (meta.pass_rate, meta.solution_length, meta.notions) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "I think the pass rate is about 8 and the length 300.", "{}", '{"answer": 5}', "{'pass_rate': 3",
+    '{"pass_rate" 3}', "[1, 2, 3]", "{" * 10_000, '{"pass_rate": ' + "[" * 100 + "]" * 100 + "}",
+])
+def test_parse_meta_returns_none_without_a_meta_object(text):
+    assert parse_meta(text, group_size=16) is None
+
+
+def test_parse_meta_on_a_long_response_is_fast():
+    text = r"\frac{a}{b} {x} " * 20_000 + '{"math_notion": ["x"], "pass_rate": 1, "solution_length": 5}'
+    start = time.monotonic()
+    assert parse_meta(text).pass_rate == 1
+    assert time.monotonic() - start < 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Meta rewards, computed by hand
+
+
+def outcomes(*spec):
+    """spec: (correct, length, text) triples."""
+    return [Outcome(c, n, t) for c, n, t in spec]
+
+
+def test_meta_reward_pass_rate_length_and_notions():
+    rollouts = outcomes((True, 100, "use the carry rule"), (True, 140, "carry twice, then add"),
+                        (False, 300, "subtract and borrow"), (False, 90, "guess"))
+    prediction = MetaPrediction(pass_rate=8, solution_length=120, notions=["Carries", "borrow", "addition"])
+    r = meta_reward(prediction, rollouts, problem="Compute 47 + 85 by addition.", group_size=16)
+    # p_true = 2/4 = 0.5 and 8/16 = 0.5: 0.01 ** 0 = 1
+    assert r["pass_rate"] == 1.0
+    # 100 <= 120 <= 140
+    assert r["length"] == 1.0
+    # "addition" is in the problem: dropped. "carry" (from "Carries"): 2 correct, 0 incorrect -> counts.
+    # "borrow": 0 correct, 1 incorrect -> does not. 1 of 2.
+    assert r["notion"] == 0.5
+    assert r["score"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_meta_reward_pass_rate_decays_with_distance():
+    rollouts = outcomes(*[(i < 3, 50, "") for i in range(4)])  # p_true = 0.75
+    r = meta_reward(MetaPrediction(4, None, []), rollouts, "", group_size=16)  # predicted 0.25
+    assert r["pass_rate"] == pytest.approx(0.01 ** 0.5)  # = 0.1
+    assert r["score"] == pytest.approx(0.1 / 3)
+
+
+def test_meta_reward_with_no_correct_rollout():
+    rollouts = outcomes((False, 10, "carry"), (False, 20, "carry"))
+    r = meta_reward(MetaPrediction(0, 15, ["carry"]), rollouts, "", group_size=2)
+    assert r == {"score": pytest.approx(1 / 3), "pass_rate": 1.0, "length": 0.0, "notion": 0.0}
+
+
+def test_meta_reward_with_exactly_one_correct_rollout_pays_its_exact_length():
+    rollouts = outcomes((True, 77, ""), (False, 20, ""), (False, 30, ""), (False, 40, ""))
+    assert meta_reward(MetaPrediction(None, 77, []), rollouts, "", 4)["length"] == 1.0  # inclusive bounds
+    assert meta_reward(MetaPrediction(None, 78, []), rollouts, "", 4)["length"] == 0.0
+
+
+def test_meta_reward_drops_notions_written_in_the_problem_and_merges_plurals():
+    rollouts = outcomes((True, 5, "the prime factors and primes"), (False, 5, "nothing"))
+    prediction = MetaPrediction(1, 5, ["prime", "Primes", "factor", "prime numbers"])
+    r = meta_reward(prediction, rollouts, problem="How many prime numbers divide 30?", group_size=2)
+    # "prime" and "primes" normalize to "prime", which the problem mentions ("prime numbers" too): dropped.
+    # Only "factor" remains; "factors" appears in the correct rollout only.
+    assert r["notion"] == 1.0
+
+
+def test_meta_reward_empty_notions_and_missing_prediction():
+    rollouts = outcomes((True, 5, "x"), (False, 5, "y"))
+    assert meta_reward(MetaPrediction(1, 5, []), rollouts, "", 2)["notion"] == 0.0
+    assert meta_reward(None, rollouts, "", 2) == {"score": 0.0, "pass_rate": 0.0, "length": 0.0, "notion": 0.0}
+
+
+def test_meta_reward_out_of_range_pass_rate_scores_zero_for_that_part():
+    rollouts = outcomes((True, 5, ""), (True, 6, ""))
+    r = meta_reward(MetaPrediction(3, 5, []), rollouts, "", group_size=2)
+    assert r["pass_rate"] == 0.0 and r["length"] == 1.0
+
+
+def test_notion_normalization():
+    assert [normalize_notion(n) for n in ["Carries", "boxes", "Prime Numbers", " series ", "class", "radius",
+                                          "matches", "sum."]] == \
+        ["carry", "box", "prime number", "series", "class", "radius", "match", "sum"]
+
+
+def test_parse_meta_and_meta_reward_compose():
+    text = '<meta>Easy.</meta>\n{"math_notion": ["carry"], "pass_rate": 2, "solution_length": 40}'
+    rollouts = outcomes((True, 40, "carry 1"), (True, 44, "carry"))
+    r = meta_reward(parse_meta(text, group_size=2), rollouts, "7 + 5", group_size=2)
+    assert r["score"] == 1.0
