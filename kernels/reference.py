@@ -1,0 +1,35 @@
+"""Plain-PyTorch twins of the Triton kernels: the definitions the kernels are tested against, and
+the implementation used wherever Triton is not (CPUs, by default).
+
+- `token_logprobs(logits [..., V], targets [...], temperature)` -> (log p(target), entropy), both
+  float32, of softmax(logits / temperature), differentiable by autograd.
+- `linear_token_logprobs(hidden [N, H], weight [V, H], targets [N], temperature)`: the same from
+  hidden states; materializes the full [N, V] logits (the Triton path does not).
+- `group_advantages(rewards [n * G], group_size, eps)`: (r - mean_g) / (std_g + eps) per group of G,
+  with the *sample* standard deviation (divisor G - 1), as GRPO's reference code (verl) uses; a group
+  whose rewards are all equal (zero variance, including G = 1) gets advantage 0.
+"""
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # float32, or float64 if given
+    logp = torch.log_softmax(z, dim=-1)  # [..., V]
+    picked = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # [...]
+    entropy = -(logp.exp() * logp).sum(-1)  # [...]
+    return picked, entropy
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          temperature: float = 1.0):
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    return token_logprobs(hidden.to(dtype) @ weight.to(dtype).T, targets, temperature)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    r = rewards.float().reshape(-1, group_size)  # [groups, G]
+    centered = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    varies = r.amax(dim=1, keepdim=True) > r.amin(dim=1, keepdim=True)
+    return torch.where(varies, centered / (std + eps), torch.zeros_like(r)).reshape(rewards.shape)

@@ -1,0 +1,210 @@
+"""kernels/: the Triton kernels (run by the interpreter on a CPU) against the PyTorch twins, autograd
+and float64; the twins against exact formulas."""
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+
+logprobs = pytest.importorskip("kernels.logprobs", reason="triton is not installed")
+advantage = pytest.importorskip("kernels.advantage", reason="triton is not installed")
+
+
+def random_case(N, V, seed, extreme=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g) * 4
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[0], targets[-1] = 0, V - 1  # the first and last vocabulary entries
+    if extreme:
+        logits[0, 0] = 1e4  # one dominant logit, as target
+        logits[1] = -1e4
+        logits[1, V // 2] = 1e4
+        logits[-1, :V // 3] = 1e4  # many tied maxima, target elsewhere
+    return logits, targets
+
+
+def float64_reference(logits, targets, temperature):
+    return reference.token_logprobs(logits.double(), targets, temperature)  # .float() inside keeps double
+
+
+def close(actual, expected, rtol=1e-5):
+    """Relative error <= rtol, measured against the larger of |expected| and a floor of 1e-6."""
+    err = (actual.double() - expected.double()).abs()
+    return bool((err <= rtol * expected.double().abs().clamp_min(1e-6)).all())
+
+
+# ---------------------------------------------------------------------------------------------------
+# token_logprobs
+
+
+CASES = [(4, 300, 1.0), (6, 1000, 0.7), (3, 2500, 1.3), (2, 1024, 1.0), (5, 2049, 0.5)]
+
+
+@pytest.mark.parametrize("N,V,temperature", CASES)
+@pytest.mark.parametrize("extreme", [False, True])
+def test_forward_matches_reference_and_float64(N, V, temperature, extreme):
+    logits, targets = random_case(N, V, seed=V, extreme=extreme)
+    lp, ent = logprobs.token_logprobs(logits, targets, temperature)
+    ref_lp, ref_ent = reference.token_logprobs(logits, targets, temperature)
+    exact_lp, exact_ent = float64_reference(logits, targets, temperature)
+    assert lp.dtype == ent.dtype == torch.float32
+    assert close(lp, exact_lp) and close(ent, exact_ent.clamp_min(0), rtol=1e-4 if extreme else 1e-5)
+    assert close(lp, ref_lp)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("N,V,temperature", CASES)
+@pytest.mark.parametrize("which", ["both", "logprob only", "entropy only"])
+def test_backward_matches_autograd_through_the_reference(N, V, temperature, which):
+    logits, targets = random_case(N, V, seed=N + V, extreme=True)
+    g = torch.Generator().manual_seed(1)
+    w_lp, w_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    grads = []
+    for fn, dtype in ((logprobs.token_logprobs, torch.float32), (reference.token_logprobs, torch.float32),
+                      (reference.token_logprobs, torch.float64)):
+        x = logits.to(dtype).clone().requires_grad_()
+        lp, ent = fn(x, targets, temperature)
+        loss = {"both": (lp * w_lp).sum() + (ent * w_ent).sum(), "logprob only": (lp * w_lp).sum(),
+                "entropy only": (ent * w_ent).sum()}[which]
+        loss.backward()
+        grads.append(x.grad.double())
+    ours, ref32, exact = grads
+    assert torch.isfinite(ours).all()
+    # relative to the largest gradient entry; float32 itself leaves ~1e-7 absolute noise where the
+    # gradient vanishes (a row with one dominant logit has entropy ~0 and a gradient of ~1e-10)
+    tolerance = 1e-5 * exact.abs().max() + 1e-7
+    assert (ours - exact).abs().max() <= tolerance
+    assert (ours - ref32).abs().max() <= tolerance
+
+
+def test_batched_shapes_and_half_precision_inputs():
+    logits, targets = random_case(12, 777, seed=3)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = logits.to(dtype).reshape(3, 4, 777)
+        lp, ent = logprobs.token_logprobs(low, targets.reshape(3, 4))
+        assert lp.shape == (3, 4) and lp.dtype == torch.float32
+        # the kernel reads low-precision logits and computes in float32: compare on the same values
+        ref_lp, ref_ent = reference.token_logprobs(low.float(), targets.reshape(3, 4))
+        assert close(lp, ref_lp) and close(ent, ref_ent)
+
+
+def test_non_contiguous_logits():
+    logits, targets = random_case(6, 500, seed=4)
+    strided = torch.cat([logits, logits], dim=1)[:, :500]  # row stride 1000
+    assert close(logprobs.token_logprobs(strided, targets)[0], reference.token_logprobs(logits, targets)[0])
+
+
+def test_reference_passes_gradcheck_in_float64():
+    logits, targets = random_case(3, 11, seed=5)
+    x = logits.double().requires_grad_()
+    weights = torch.randn(2, 3, dtype=torch.float64)
+
+    def f(z):
+        lp, ent = reference.token_logprobs(z, targets, 0.8)
+        return (lp * weights[0]).sum() + (ent * weights[1]).sum()
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_reference_entropy_and_logprob_match_their_definitions():
+    logits, targets = random_case(2, 7, seed=6)
+    p = torch.softmax(logits.double() / 0.9, -1)
+    lp, ent = reference.token_logprobs(logits, targets, 0.9)
+    assert torch.allclose(lp.double(), p.gather(1, targets[:, None]).squeeze(1).log(), atol=1e-6)
+    assert torch.allclose(ent.double(), -(p * p.log()).sum(-1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# linear_token_logprobs
+
+
+@pytest.mark.parametrize("N,H,V,chunk", [(13, 16, 777, 4), (8, 32, 1500, 8), (5, 8, 2049, 100)])
+def test_linear_version_matches_autograd_through_a_plain_matmul(N, H, V, chunk):
+    g = torch.Generator().manual_seed(N)
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    targets = torch.randint(0, V, (N,), generator=g)
+    w_lp, w_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    results = []
+    for fn in (lambda h, w: logprobs.linear_token_logprobs(h, w, targets, 0.9, chunk=chunk),
+               lambda h, w: reference.token_logprobs(h @ w.T, targets, 0.9)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp, ent = fn(h, w)
+        ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+        results.append((lp, ent, h.grad, w.grad))
+    (lp, ent, gh, gw), (rlp, rent, rgh, rgw) = results
+    assert close(lp, rlp) and close(ent, rent)
+    assert (gh - rgh).abs().max() <= 1e-5 * rgh.abs().max()
+    assert (gw - rgw).abs().max() <= 1e-5 * rgw.abs().max()
+
+
+def test_linear_version_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(9, 16, generator=g), torch.randn(300, 16, generator=g)
+    targets = torch.randint(0, 300, (9,), generator=g)
+    runs = []
+    for _ in range(2):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp, ent = logprobs.linear_token_logprobs(h, w, targets, chunk=2)
+        (lp.sum() + ent.sum()).backward()
+        runs.append((lp, h.grad, w.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# ---------------------------------------------------------------------------------------------------
+# group_advantages
+
+
+def formula(rewards, G, eps=1e-6):
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, G)
+    out = np.zeros_like(r)
+    for i, row in enumerate(r):
+        if row.max() > row.min():
+            out[i] = (row - row.mean()) / (row.std(ddof=1) + eps)
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_group_advantages_match_the_formula(impl):
+    fn = advantage.group_advantages if impl == "triton" else reference.group_advantages
+    rewards = [1, 0, 1, 1,  0, 0, 0, 0,  1, 1, 1, 1,  0.5, 0.2, 0.3, 0.9,  1 / 3, 1 / 3, 1 / 3, 1 / 3]
+    out = fn(torch.tensor(rewards), 4)
+    assert np.allclose(out.numpy(), formula(rewards, 4), rtol=1e-5, atol=1e-6)
+    assert (out[4:12] == 0).all() and (out[16:] == 0).all()  # zero-variance groups
+    g = torch.Generator().manual_seed(0)
+    many = torch.rand(16 * 37, generator=g)
+    assert np.allclose(fn(many, 16).numpy(), formula(many.numpy(), 16), rtol=1e-5, atol=1e-6)
+    assert (fn(torch.tensor([0.3, 0.7]), 1) == 0).all()  # a group of one has no variance
+
+
+def test_dispatch_follows_masa_kernels(monkeypatch):
+    x = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    monkeypatch.setenv("MASA_KERNELS", "auto")
+    assert kernels.backend(torch.device("cpu")) == "torch" and kernels.backend(torch.device("cuda")) == "triton"
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("MASA_KERNELS", choice)
+        assert kernels.backend(x.device) == choice
+        assert np.allclose(kernels.group_advantages(x, 2).numpy(), formula(x.numpy(), 2), atol=1e-6)
+        lp, _ = kernels.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))
+        assert abs(lp.item() - np.log(0.25)) < 1e-6
+    monkeypatch.setenv("MASA_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="MASA_KERNELS='cuda'"):
+        kernels.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))
+
+
+def test_uneven_groups_are_refused():
+    with pytest.raises(ValueError, match="groups of 4"):
+        kernels.group_advantages(torch.zeros(10), 4)
+
+
+def test_benchmark_script_runs_on_the_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    out = subprocess.run([sys.executable, str(script), "--cpu", "--tokens", "8", "--vocab", "300", "--hidden", "16",
+                          "--iters", "1", "--no-compile"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "| logits | ours (Triton) |" in out.stdout and "| linear | ours (chunked + Triton) |" in out.stdout
