@@ -16,6 +16,7 @@ strings, since that is what the user meant.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-6  # AdamW
     weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     warmup_steps: int = 20  # linear warmup, then constant
     grad_clip: float = 1.0  # global gradient-norm clip
 
@@ -153,6 +154,20 @@ class Config:
 # Loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error rather than last-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- the YAML file at `path` (if any) <- `a.b=value` overrides, in that order."""
     raw: dict = {}
@@ -161,7 +176,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
@@ -177,7 +192,52 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         target[leaf] = yaml.safe_load(text)
-    return from_dict(Config, raw)
+    cfg = from_dict(Config, raw)
+    check(cfg)
+    return cfg
+
+
+# (key, test, what it must be): values that type-check but cannot run
+_RULES = [
+    ("rollout.group_size", lambda v: v >= 1, "at least 1"),
+    ("rollout.meta_group_size", lambda v: v >= 1, "at least 1"),
+    ("rollout.temperature", lambda v: v >= 0, "at least 0 (0 is greedy)"),
+    ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rollout.top_k", lambda v: v == -1 or v >= 1, "-1 (off) or at least 1"),
+    ("rollout.max_prompt_tokens", lambda v: v >= 1, "at least 1"),
+    ("rollout.max_response_tokens", lambda v: v >= 1, "at least 1"),
+    ("train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("train.total_steps", lambda v: v >= 0, "at least 0"),
+    ("train.ppo_epochs", lambda v: v >= 1, "at least 1"),
+    ("train.mini_batches", lambda v: v >= 1, "at least 1"),
+    ("train.micro_batch_tokens", lambda v: v >= 1, "at least 1"),
+    ("loss.clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss.clip_high", lambda v: v >= 0, "at least 0"),
+    ("optim.lr", lambda v: v > 0, "positive"),
+    ("optim.weight_decay", lambda v: v >= 0, "at least 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim.warmup_steps", lambda v: v >= 0, "at least 0"),
+    ("optim.grad_clip", lambda v: v > 0, "positive"),
+    ("meta.pass_rate_base", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("efficient.gate_std", lambda v: v >= 0, "at least 0"),
+    ("efficient.gate_eps", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("efficient.cutoff_factor", lambda v: v > 0, "positive"),
+    ("efficient.bc_batch_size", lambda v: v >= 1, "at least 1"),
+    ("efficient.audit_every", lambda v: v >= 1, "at least 1"),
+    ("validation.every", lambda v: v >= 1, "at least 1"),
+    ("validation.samples", lambda v: v >= 1, "at least 1"),
+    ("checkpoint.every", lambda v: v >= 1, "at least 1"),
+    ("checkpoint.keep", lambda v: v >= 1, "at least 1"),
+]
+
+
+def check(cfg: Config):
+    """Raise ConfigError for the first value that is of the right type but out of range."""
+    for key, ok, expected in _RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
 
 
 def from_dict(cls, raw: dict, where: str = "") -> Any:
@@ -212,13 +272,15 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key {name!r} expects a list, got {value!r}")
         return [_convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, str):
+    if hint is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+            number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
+            return number
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config key {name!r} expects {hint.__name__}, got {value!r} "
                           f"({type(value).__name__})")

@@ -207,7 +207,12 @@ class Attention(nn.Module):
                 k, v = k_layer[rows, :, :kv_len], v_layer[rows, :, :kv_len]
             else:  # rows 0..B-1: views, no copy
                 k, v = k_layer[:B, :, :kv_len], v_layer[:B, :, :kv_len]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            # Grouped-query attention with a mask: fold each key/value head's query heads into the query
+            # length, [B, H, T, D] -> [B, Hkv, rep * T, D], so the K/V pool is read once per kv head and
+            # never expanded. (enable_gqa together with a mask falls back to the math kernel on CUDA.)
+            Hkv = k.shape[1]
+            folded = q.reshape(B, Hkv, -1, self.head_dim)  # head h = kv * rep + r, as in repeat_kv
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask).view(B, -1, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -292,8 +297,11 @@ class Qwen3(nn.Module):
             kv_len = cache.max_len if kv_len is None else kv_len
             positions = start[:, None] + torch.arange(T, device=device)  # [B, T]
             slots = (rows, positions, kv_len, gather)
-            # [B, 1, T, kv_len]: key j is visible to the query at position p iff j <= p.
-            mask = (torch.arange(kv_len, device=device) <= positions[..., None])[:, None]
+            # Key j is visible to the query at position p iff j <= p: [B, T, kv_len], then repeated for
+            # the query heads that share a key/value head (see Attention): [B, 1, rep * T, kv_len].
+            visible = torch.arange(kv_len, device=device) <= positions[..., None]
+            rep = self.config.num_attention_heads // self.config.num_key_value_heads
+            mask = visible[:, None].expand(B, rep, T, kv_len).reshape(B, 1, rep * T, kv_len)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
@@ -340,10 +348,12 @@ class Qwen3(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5_000_000_000):
         """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
         Hugging Face layout. Written into a temporary sibling directory and renamed into place, so a
-        crash never leaves a half-written checkpoint at `path`."""
+        crash never leaves a half-written checkpoint at `path`. Saving over an existing checkpoint
+        replaces its weights and config and keeps its other files (a tokenizer, a README)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
+        path = Path(path).resolve()
+        _check_replaceable(path)
         state = {_hf_name(k): v.detach() for k, v in self.state_dict().items()}
         dtype = next(iter(state.values())).dtype
         shards = _plan_shards(state, max_shard_bytes)
@@ -361,6 +371,10 @@ class Qwen3(nn.Module):
                 _write_json(tmp / "model.safetensors.index.json",
                             {"metadata": {"total_size": total}, "weight_map": weight_map})
             _write_json(tmp / "config.json", _hf_config(self.config, dtype))
+            if path.is_dir():
+                for f in path.iterdir():
+                    if not _is_weights_or_config(f.name):
+                        shutil.copy2(f, tmp / f.name)
             _replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -370,7 +384,7 @@ class Qwen3(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Hugging Face checkpoint format
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -422,8 +436,7 @@ def _read_config(directory: Path) -> tuple[Qwen3Config, torch.dtype]:
     values = {k: v for k, v in raw.items() if k in known}
     values.setdefault("rope_theta", rope.get("rope_theta", 10_000.0))  # transformers' default
     values.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
-    if "head_dim" not in values and "hidden_size" in raw and "num_attention_heads" in raw:
-        values["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+    values.setdefault("head_dim", 128)  # transformers' Qwen3Config default (every Qwen3 release states it)
     required = [f.name for f in fields(Qwen3Config) if f.default is MISSING]
     absent = [name for name in required if values.get(name) is None]
     if absent:
@@ -497,15 +510,36 @@ def _fsync_tree(directory: Path):
             os.fsync(handle.fileno())
 
 
+def _is_weights_or_config(name: str) -> bool:
+    return name == "config.json" or (name.startswith("model") and ".safetensors" in name)
+
+
+def _check_replaceable(path: Path):
+    """save_pretrained replaces a directory: refuse one that is not a checkpoint (it holds folders)."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot save a checkpoint to {path}: it is a file")
+    if path.is_dir():
+        folders = [p.name for p in path.iterdir() if p.is_dir()]
+        if folders:
+            raise IsADirectoryError(f"cannot save a checkpoint to {path}: it holds folders ({', '.join(folders[:3])}),"
+                                    f" so it is not a checkpoint directory; choose a new or empty directory")
+
+
 def _replace_dir(tmp: Path, path: Path):
-    """Move a finished directory into place. An existing `path` is moved aside first and deleted
-    last, so at every instant either the old or the new checkpoint is complete on disk."""
+    """Move a finished directory into place. An existing `path` is moved aside first, put back if
+    anything fails, and deleted last, so at every instant a complete checkpoint is on disk."""
     _fsync_tree(tmp)
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.rename(path, old / path.name)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old / path.name, path)
+            old.rmdir()
+        raise
     if old is not None:
         shutil.rmtree(old)
 

@@ -32,7 +32,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -63,19 +65,22 @@ def extract_answer(text: str) -> str | None:
 
 
 def _box_content(text: str, i: int) -> str | None:
-    if text.startswith(" ", i) and not text.startswith(" {", i):  # "\boxed 5"
-        match = re.match(r" +([^\s$]+)", text[i:i + MAX_ANSWER_CHARS])
-        return match.group(1) if match else None
-    if not text.startswith("{", i):
-        return None
-    depth = 0
-    for j in range(i, min(len(text), i + MAX_ANSWER_CHARS + 2)):  # longer answers are not graded anyway
-        if text[j] == "{" and text[j - 1] != "\\":
-            depth += 1
-        elif text[j] == "}" and text[j - 1] != "\\":
-            depth -= 1
+    j = i
+    while j < len(text) and text[j] in " \t\n":
+        j += 1
+    if j == len(text) or (text[j] != "{" and j == i):
+        return None  # "\boxedfoo" is another command; "\boxed" at the very end is cut off
+    if text[j] != "{":  # "\boxed 5"
+        match = re.match(r"[^\s$]+", text[j:j + MAX_ANSWER_CHARS])
+        return match.group(0) if match else None
+    depth, backslashes = 0, 0
+    for k in range(j, min(len(text), j + MAX_ANSWER_CHARS + 2)):  # longer answers are not graded anyway
+        c = text[k]
+        if c in "{}" and backslashes % 2 == 0:  # \{ is a literal brace; \\} is a line break, then }
+            depth += 1 if c == "{" else -1
             if depth == 0:
-                return text[i + 1:j]
+                return text[j + 1:k]
+        backslashes = backslashes + 1 if c == "\\" else 0
     return None  # unbalanced (the rollout was cut off inside the box) or too long
 
 
@@ -83,29 +88,27 @@ def _box_content(text: str, i: int) -> str | None:
 # Cheap equivalence: normalized strings and exact numbers
 
 
-_DROP = [r"\$", r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\displaystyle", "~", "$",
-         r"^{\circ}", r"^\circ", r"\circ", r"\degree", "°"]
+_DROP = re.compile(r"\\\$|\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\[!,;: ]|\\displaystyle|~|\$|"
+                   r"\^\{\\circ\}|\^\\circ|\\degree|°")
+# A trailing unit: \text{ cm}, \mbox{ inches}^2 after a number (\mathrm{i} was made `i` before this).
 _UNIT = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .^0-9/]*\}(\^\{?\d\}?)?$")
+_ASSIGNMENT = re.compile(r"[a-zA-Z]=([^=<>]+)")
 
 
 def normalize(answer: str) -> tuple[str, bool]:
     """A canonical string for an answer and whether it carried a percent sign. Only rewrites that
     never change the value: spacing, \\left/\\right, \\dfrac, degree marks, a trailing unit, thousands
-    separators, a choice letter in \\text{(C)}, a leading `x =`."""
-    s = answer.strip()
-    for token in _DROP:
-        s = s.replace(token, "")
+    separators, a choice letter in \\text{(C)}."""
+    s = _DROP.sub("", _CONSTANT.sub(r"\1", answer.strip()))
     s = s.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").replace(r"\textbf", r"\text")
     percent = "%" in s
-    s = s.replace(r"\%", "").replace("%", "")
-    s = _UNIT.sub("", s.strip())
+    s = s.replace(r"\%", "").replace("%", "").replace("{,}", ",").strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,000,000 (but not "81, 256": two answers)
+        s = s.replace(",", "")
+    s = _UNIT.sub("", s)
     s = re.sub(r"^\\(?:text|mathrm|mbox)\{(.*)\}$", r"\1", s.strip())  # the whole answer is text
     s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"^\(?([A-Ea-e])\)$", r"\1", s).replace("{,}", ",")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    if re.fullmatch(r"[a-zA-Z]=[^=<>]+", s):
-        s = s[2:]
+    s = re.sub(r"^\(?([A-Ea-e])\)$", r"\1", s)
     return s, percent
 
 
@@ -135,6 +138,12 @@ def as_rational(s: str) -> Fraction | None:
 def quick_verdict(pred: str, gold: str) -> bool | None:
     """True/False when cheap checks decide, None when a symbolic check is needed."""
     (p, p_pct), (g, g_pct) = normalize(pred), normalize(gold)
+    # "x = 5" answers "5", but "y = 3" does not answer "x = 3": drop a one-letter assignment only
+    # when the other side has none.
+    if "=" in p and "=" not in g and (m := _ASSIGNMENT.fullmatch(p)):
+        p = m[1]
+    if "=" in g and "=" not in p and (m := _ASSIGNMENT.fullmatch(g)):
+        g = m[1]
     if p == g:
         return True
     p_val, g_val = as_rational(p), as_rational(g)
@@ -166,23 +175,41 @@ def symbolic_equal(pred: str, gold: str) -> bool:
     g, p = gold_parsed[0], pred_parsed[0]
     if isinstance(p, sympy.Eq) and not isinstance(g, sympy.Eq) and not isinstance(p.lhs, sympy.Symbol):
         return False  # math-verify would compare "2x - y = 0" by its right side alone, as if "x = 0"
-    if not (isinstance(g, sympy.Expr) and isinstance(p, sympy.Expr)):
-        return True  # sets, intervals, equations, matrices: math-verify compares them structurally
-    symbols = sorted(g.free_symbols | p.free_symbols, key=str)
-    if g.free_symbols != p.free_symbols:
-        return True  # matched as text, or by math-verify's variable handling
-    # Equal values must agree at 50 digits; inputs written as decimals only carry ~15.
+    return not _values_differ(g, p)
+
+
+def _values_differ(g, p) -> bool:
+    """Whether two expressions math-verify called equal have different values at 50 digits: numbers,
+    expressions (at a few rational points) and same-shaped tuples, sets, intervals and matrices of
+    them. Anything else (equations, text, differently shaped structures) is left to math-verify."""
+    import sympy
+
+    if isinstance(g, sympy.MatrixBase) and isinstance(p, sympy.MatrixBase):
+        return g.shape == p.shape and any(_values_differ(a, b) for a, b in zip(g, p))
+    if isinstance(g, (sympy.Tuple, sympy.FiniteSet, sympy.Interval)) and type(g) is type(p):
+        items_g, items_p = list(g.args), list(p.args)
+        if len(items_g) != len(items_p):
+            return False
+        if isinstance(g, sympy.FiniteSet):  # compare sets in value order
+            try:
+                items_g, items_p = sorted(items_g, key=sympy.N), sorted(items_p, key=sympy.N)
+            except TypeError:  # not all real numbers: no order to compare in
+                return False
+        return any(_values_differ(a, b) for a, b in zip(items_g, items_p))
+    if not (isinstance(g, sympy.Expr) and isinstance(p, sympy.Expr)) or g.free_symbols != p.free_symbols:
+        return False
+    # Equal values agree at 50 digits; inputs written as decimals only carry ~15.
     tolerance = 1e-12 if g.has(sympy.Float) or p.has(sympy.Float) else 1e-40
-    points = [{}] if not symbols else [
-        {s: sympy.Rational(k + 2, 7 + i) for i, s in enumerate(symbols)} for k in range(3)]
+    symbols = sorted(g.free_symbols, key=str)
+    points = [{s: sympy.Rational(k + 2, 7 + i) for i, s in enumerate(symbols)} for k in range(3 if symbols else 1)]
     for point in points:
         a, b = sympy.N(g.subs(point), 50), sympy.N(p.subs(point), 50)
         if not (a.is_number and b.is_number and a.is_finite and b.is_finite):
             continue  # e.g. a pole at this point: nothing to compare
         scale = max(abs(a), abs(b))
         if scale != 0 and abs(a - b) > tolerance * scale:
-            return False
-    return True
+            return True
+    return False
 
 
 def _serve():
@@ -199,18 +226,21 @@ def _serve():
     logging.disable(logging.WARNING)  # math-verify warns that its own timeouts are off: that is the point
     import math_verify  # noqa: F401  (paid once here, not inside the first item's timeout)
 
-    print(json.dumps(["ready", None]), flush=True)
+    print(json.dumps(["ready"]), flush=True)
     for line in sys.stdin:
-        pred, gold = json.loads(line)
+        seq, pred, gold = json.loads(line)
         try:
-            reply = ["ok", symbolic_equal(pred, gold)]
+            reply = [seq, "ok", symbolic_equal(pred, gold)]
         except BaseException as e:  # noqa: BLE001 (a MemoryError or RecursionError is a verdict too)
-            reply = ["error", f"{type(e).__name__}: {e}"[:200]]
+            reply = [seq, "error", f"{type(e).__name__}: {e}"[:200]]
         print(json.dumps(reply), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The worker pool
+
+STARTUP_TIMEOUT = 120.0  # seconds for a worker to import sympy and math-verify
+MAX_FAILED_STARTS = 3  # consecutive workers that die before they are ready: give up, say why
 
 
 class _Worker:
@@ -220,84 +250,139 @@ class _Worker:
     def __init__(self):
         here = os.path.dirname(os.path.abspath(__file__))
         code = f"import sys; sys.path.insert(0, {here!r}); import rewards; rewards._serve()"
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty worker can never block on it
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.started = time.monotonic()
         self.ready = False
-        self.job: tuple[int, float] | None = None  # (item index, deadline)
+        self.job: tuple[int, int, float] | None = None  # (request id, item index, deadline)
 
     def fileno(self) -> int:
         return self.process.stdout.fileno()
 
-    def send(self, pair: tuple[str, str]):
-        self.process.stdin.write(json.dumps(pair) + "\n")
-        self.process.stdin.flush()
+    def send(self, seq: int, pair: tuple[str, str]) -> bool:
+        try:
+            self.process.stdin.write(json.dumps([seq, *pair]) + "\n")
+            self.process.stdin.flush()
+            return True
+        except OSError:  # it died while idle
+            return False
 
     def receive(self) -> list | None:
         line = self.process.stdout.readline()
         return json.loads(line) if line else None  # None: the worker died
 
+    def error_output(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()[-2000:].decode(errors="replace").strip()
+
     def kill(self):
         self.process.kill()
         self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
+        for stream in (self.process.stdin, self.process.stdout, self.stderr):
             try:
-                pipe.close()
+                stream.close()
             except OSError:  # a write to the dead worker was still buffered
                 pass
 
 
+def _kill_all(workers: list[_Worker]):
+    for w in workers:
+        w.kill()
+    workers.clear()
+
+
 class GraderPool:
     """Worker processes for symbolic checks. `run(pairs)` returns one verdict per (pred, gold) pair:
-    True/False, or None for an item that timed out or failed (counted in `timeouts` / `errors`)."""
+    True/False, or None for an item that timed out or failed (counted in `timeouts` / `errors`).
+    Every request carries an id, so a reply that arrives after its item was given up on (a killed
+    run, an interrupt) can never be taken for another item's verdict."""
 
     def __init__(self, workers: int | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.size = workers or max(1, min(4, os.cpu_count() or 1))
         self.timeout = timeout
         self.timeouts = self.errors = 0
         self._workers: list[_Worker] = []
+        self._seq = 0
+        self._failed_starts = 0
+        weakref.finalize(self, _kill_all, self._workers)  # no orphans if close() is never called
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def run(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
         results: list[bool | None] = [None] * len(pairs)
         pending = deque(range(len(pairs)))
         while len(self._workers) < min(self.size, len(pairs)):
             self._workers.append(_Worker())
-        while pending or any(w.job for w in self._workers):
-            now = time.monotonic()
-            for w in self._workers:
-                if w.ready and w.job is None and pending:
-                    i = pending.popleft()
-                    w.send(pairs[i])
-                    w.job = (i, now + self.timeout)
-            deadlines = [w.job[1] for w in self._workers if w.job]
-            wait_for = max(0.0, min(deadlines) - now) if deadlines else 1.0
-            for w in wait(list(self._workers), timeout=wait_for):
-                reply = w.receive()
-                if reply is None:  # it died (a crash in a C extension, or the memory cap)
-                    self.errors += w.job is not None
+        try:
+            while pending or any(w.job for w in self._workers):
+                self._dispatch(pairs, pending)
+                now = time.monotonic()
+                deadlines = [w.job[2] if w.job else w.started + STARTUP_TIMEOUT
+                             for w in self._workers if w.job or not w.ready]
+                for w in wait(list(self._workers), timeout=max(0.0, min(deadlines, default=now + 1) - now)):
+                    self._collect(w, results)
+                now = time.monotonic()
+                for w in list(self._workers):
+                    if w.job and now >= w.job[2]:
+                        self.timeouts += 1
+                        self._replace(w)
+                    elif not w.ready and now >= w.started + STARTUP_TIMEOUT:
+                        self._failed_start(w)
+        except BaseException:
+            for w in list(self._workers):  # their answers would belong to this abandoned run
+                if w.job:
                     self._replace(w)
-                elif reply[0] == "ready":
-                    w.ready = True
-                else:
-                    i, w.job = w.job[0], None
-                    if reply[0] == "ok":
-                        results[i] = bool(reply[1])
-                    else:
-                        self.errors += 1
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.job and now >= w.job[1]:
-                    self.timeouts += 1
-                    self._replace(w)
+            raise
         return results
+
+    def _dispatch(self, pairs, pending: deque):
+        for w in list(self._workers):
+            if w.ready and w.job is None and pending:
+                self._seq += 1
+                if w.send(self._seq, pairs[pending[0]]):
+                    w.job = (self._seq, pending.popleft(), time.monotonic() + self.timeout)
+                else:
+                    self._replace(w)
+
+    def _collect(self, w: _Worker, results: list):
+        reply = w.receive()
+        if reply is None:  # it died: a crash in a C extension, the memory cap, or a failed start
+            if not w.ready:
+                self._failed_start(w)
+                return
+            self.errors += w.job is not None
+            self._replace(w)
+        elif reply[0] == "ready":
+            w.ready, self._failed_starts = True, 0
+        elif w.job and reply[0] == w.job[0]:
+            index, w.job = w.job[1], None
+            if reply[1] == "ok":
+                results[index] = bool(reply[2])
+            else:
+                self.errors += 1
+
+    def _failed_start(self, w: _Worker):
+        self._failed_starts += 1
+        output = w.error_output()
+        if self._failed_starts < MAX_FAILED_STARTS:
+            self._replace(w)
+        else:
+            w.kill()
+            self._workers.remove(w)
+            raise RuntimeError(f"{self._failed_starts} grading workers in a row failed to start "
+                               f"(python -c 'import rewards; rewards._serve()'); the last one said:\n{output}")
 
     def _replace(self, worker: _Worker):
         worker.kill()
         self._workers[self._workers.index(worker)] = _Worker()
 
     def close(self):
-        for w in self._workers:
-            w.kill()
-        self._workers.clear()
+        _kill_all(self._workers)
 
 
 _default_pool: GraderPool | None = None
@@ -347,8 +432,13 @@ def grade_batch(responses: list[str], answers: list[str], pool: GraderPool | Non
     return grades
 
 
+_CONSTANT = re.compile(r"\\(?:mathrm|text|operatorname)\{\s*([ie])\s*\}")  # \mathrm{i}: the number i
+
+
 def _clean(answer: str) -> str:
-    return answer.replace("$", "").strip()
+    r"""What the symbolic check reads: no $ signs, and \mathrm{i} / \mathrm{e} as the constants
+    (math-verify would otherwise drop them as units)."""
+    return _CONSTANT.sub(r"\1", answer.replace("$", "")).strip()
 
 
 def grade(response: str, answer: str, pool: GraderPool | None = None) -> bool:
@@ -486,17 +576,24 @@ class _Reader:
             c = self.text[self.i]
             if c == "\\" and self.i + 1 < len(self.text):
                 nxt = self.text[self.i + 1]
-                out.append({"n": "\n", "t": "\t", '"': '"', "'": "'", "\\": "\\", "/": "/"}.get(nxt, "\\" + nxt))
+                if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", self.text[self.i + 2:self.i + 6]):
+                    out.append(chr(int(self.text[self.i + 2:self.i + 6], 16)))
+                    self.i += 6
+                    continue
+                out.append(self.ESCAPES.get(nxt, "\\" + nxt))
                 self.i += 2
                 continue
             if c == quote:
                 self.i += 1
-                return "".join(out)
+                # \ud83d\ude00-style surrogate pairs were decoded one half at a time: join them
+                return "".join(out).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             if c == "\n":
                 raise ValueError("newline inside a string")
             out.append(c)
             self.i += 1
         raise ValueError("unterminated string")
+
+    ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", '"': '"', "'": "'", "\\": "\\", "/": "/"}
 
 
 # ---------------------------------------------------------------------------------------------------

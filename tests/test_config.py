@@ -111,3 +111,23 @@ def test_missing_or_broken_file_is_reported(tmp_path):
     bad.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.lr=nan", "'optim.lr' must be a finite number"),
+    ("loss.clip_high=.inf", "'loss.clip_high' must be a finite number"),
+    ("rollout.group_size=0", "'rollout.group_size' must be at least 1, got 0"),
+    ("rollout.top_p=5", r"'rollout.top_p' must be in \(0, 1\], got 5.0"),
+    ("optim.betas=[0.9]", "'optim.betas' must be two numbers"),
+    ("efficient.gate_eps=0.7", r"'efficient.gate_eps' must be in \[0, 0.5\)"),
+])
+def test_values_that_cannot_run_are_refused(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("optim:\n  lr: 1.0e-6\n  lr: 2.0e-6\n")
+    with pytest.raises(ConfigError, match="'lr' appears twice"):
+        load_config(file)

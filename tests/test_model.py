@@ -85,6 +85,56 @@ def test_save_replaces_an_existing_checkpoint_completely(hf_checkpoint, tmp_path
     assert [p.name for p in out.parent.iterdir()] == ["ckpt"]  # no temporary directories left behind
 
 
+def test_save_over_a_checkpoint_keeps_its_other_files(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint()
+    model = Qwen3.from_pretrained(path)
+    out = tmp_path / "ckpt"
+    model.save_pretrained(out, max_shard_bytes=30_000)
+    (out / "tokenizer.json").write_text("{}")
+    model.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_save_refuses_a_directory_that_is_not_a_checkpoint(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint()
+    (tmp_path / "project" / "src").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="holds folders"):
+        Qwen3.from_pretrained(path).save_pretrained(tmp_path / "project")
+    assert (tmp_path / "project" / "src").is_dir()
+
+
+def test_a_failed_swap_puts_the_previous_checkpoint_back(hf_checkpoint, tmp_path, monkeypatch):
+    import os
+
+    _, path = hf_checkpoint()
+    model = Qwen3.from_pretrained(path)
+    out = tmp_path / "runs" / "ckpt"
+    model.save_pretrained(out)
+    before = (out / "model.safetensors").read_bytes()
+    real_rename, calls = os.rename, []
+
+    def flaky_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old checkpoint is aside; moving the new one in fails
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky_rename)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(out)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in out.parent.iterdir()] == ["ckpt"]  # nothing left aside
+
+
+def test_float64_round_trip(tmp_path):
+    model = Qwen3(PRESETS["tiny"], dtype=torch.float64)
+    model.save_pretrained(tmp_path / "f64")
+    assert Qwen3.from_pretrained(tmp_path / "f64").embed_tokens.weight.dtype == torch.float64
+
+
 def test_greedy_decoding_matches_transformers_generate(hf_checkpoint):
     hf, path = hf_checkpoint("tied-gqa4-bias")
     model = Qwen3.from_pretrained(path).eval()

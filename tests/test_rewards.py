@@ -34,6 +34,9 @@ def pool():
     (r"nested \boxed{x^{2^{3}}} done", r"x^{2^{3}}"),
     (r"\fbox{7}", "7"),
     (r"\boxed 5 is it", "5"),
+    (r"\boxed {5}", "5"), ("\\boxed\n{7}", "7"),
+    (r"\boxed{\begin{matrix} a \\ b \end{matrix}}", r"\begin{matrix} a \\ b \end{matrix}"),
+    (r"\boxed{a \\}", r"a \\"),  # \\ is a line break: the brace after it closes the box
     (r"<think>maybe \boxed{3}</think> The answer is \boxed{4}", "4"),
     (r"<think>the answer is \boxed{3}</think> so I conclude 3", None),  # only the text after </think>
     (r"\boxed{12", None),  # cut off inside the box
@@ -94,6 +97,11 @@ EQUIVALENCE = [
     # math-verify's known false positives: tolerance-based numeric equality, and an equation's right side
     (r"\frac{1}{2^{99}}", r"\frac{1}{2^{98}}", False), (r"\frac{1}{2004!}", r"\frac{1}{2006!}", False),
     (r"1-\frac{1}{e}", r"1+\frac{1}{e}", False), ("0", "2x - y + 2z - 18 = 0", False),
+    (r"(\frac{1}{2^{60}}, 1)", r"(\frac{1}{2^{61}}, 1)", False), (r"\{\frac{1}{2^{60}}, 1\}", r"\{1, \frac{1}{2^{61}}\}", False),
+    # rewrites that would change the value must not happen
+    (r"x = -\frac{1}{12}", r"y = -\frac{1}{12}", False), ("x=3", "x = 3", True), ("81, 256", "81256", False),
+    ("6, 120", "6120", False), ("2", r"2\mathrm{i}", False), ("3", r"3\text{i}", False),
+    (r"\rightarrow", r"\leftarrow", False),
 ]
 
 
@@ -217,6 +225,55 @@ def test_a_timeout_kills_and_replaces_the_worker():
         pool.close()
 
 
+def test_a_worker_that_dies_while_idle_is_replaced():
+    with GraderPool(workers=1, timeout=5.0) as pool:
+        assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", pool)
+        pool._workers[0].process.kill()  # as the kernel's OOM killer might
+        pool._workers[0].process.wait()
+        assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", pool)
+        assert not grade(r"\boxed{\sqrt{8}}", r"3\sqrt{2}", pool)
+
+
+def test_an_interrupted_run_leaves_no_stale_verdict_behind():
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with GraderPool(workers=2, timeout=5.0) as pool:
+        grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", pool)  # workers up
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        try:
+            with pytest.raises(KeyboardInterrupt):  # a slow item and a true one are in flight
+                grade_batch([r"\boxed{9^{9^{9^{9}}}}", r"\boxed{\sqrt{8}}"], ["3", r"2\sqrt{2}"], pool)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        grades = grade_batch([r"\boxed{\sqrt{7}}", r"\boxed{\sqrt{5}}"], [r"2\sqrt{2}", r"2\sqrt{2}"], pool)
+        assert grades.correct == [False, False]
+
+
+def test_workers_that_cannot_start_raise_with_their_error(tmp_path, monkeypatch):
+    (tmp_path / "math_verify.py").write_text("raise ImportError('broken math_verify install')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with GraderPool(workers=1) as pool:
+        with pytest.raises(RuntimeError, match="(?s)failed to start.*broken math_verify install"):
+            grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", pool)
+
+
+def test_a_dropped_pool_takes_its_workers_with_it():
+    import gc
+
+    pool = GraderPool(workers=2)
+    grade_batch([r"\boxed{\sqrt{8}}", r"\boxed{\sqrt{2}}"], [r"2\sqrt{2}", r"\sqrt{2}"], pool)
+    processes = [w.process for w in pool._workers]
+    del pool
+    gc.collect()
+    for p in processes:
+        assert p.wait(timeout=10) is not None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Meta-prediction parsing
 
@@ -261,6 +318,9 @@ def test_a_timeout_kills_and_replaces_the_worker():
     ('{"math_notion": [1, "sum", null, ""], "pass_rate": 3, "solution_length": 10}', (3, 10, ["sum"])),
     ('{"pass_rate": 3, "solution_length": 10, "math_notion": {"a": 1}}', (3, 10, [])),
     ('{"Pass_Rate": 6, "Solution_Length": 80, "Math_Notion": ["ratio"]}', (6, 80, ["ratio"])),
+    # JSON escapes, as json.dumps writes them by default
+    ('{"math_notion": ["M\\u00f6bius inversion", "a\\tb"], "pass_rate": 1, "solution_length": 5}',
+     (1, 5, ["Möbius inversion", "a\tb"])),
 ])
 def test_parse_meta_reads_what_models_write(text, expected):
     meta = parse_meta(text, group_size=16, max_length=8192)
