@@ -212,8 +212,18 @@ class Attention(nn.Module):
             # never expanded. (enable_gqa together with a mask falls back to the math kernel on CUDA.)
             Hkv = k.shape[1]
             folded = q.reshape(B, Hkv, -1, self.head_dim)  # head h = kv * rep + r, as in repeat_kv
-            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask).view(B, -1, T, self.head_dim)
+            out = _masked_attention(folded, k, v, mask).view(B, -1, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _masked_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) + mask) v. SDPA where it has a fused kernel; on a CPU, for the small
+    query counts of decoding, two batched matmuls are 2-3x faster than SDPA's CPU kernel."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Hkv, rep * T, kv_len]
+    scores = scores.masked_fill(~mask, -math.inf)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):

@@ -1,0 +1,207 @@
+"""rollout.py: greedy output against transformers, log-probs against a teacher-forced forward,
+sampling frequencies against the model's probabilities, and the exact stopping rules."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model import PRESETS, Qwen3
+from rollout import SamplingParams, generate, sample
+
+PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 8, 31], [70], [4, 4, 90, 12]]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, our model loaded from its checkpoint)."""
+    from conftest import TINY_HF_CONFIGS, make_hf_model
+
+    hf = make_hf_model(0, **TINY_HF_CONFIGS["tied-gqa4-bias"])
+    path = tmp_path_factory.mktemp("ckpt")
+    hf.save_pretrained(path)
+    return hf, Qwen3.from_pretrained(path).eval()
+
+
+def hf_greedy(hf, prompt, n_tokens):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def teacher_forced_logprobs(model, prompt, tokens, temperature):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].float()  # [len(tokens), V]
+    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Greedy
+
+
+@pytest.mark.parametrize("slots", [2, 5, 64])
+def test_greedy_matches_transformers_and_does_not_depend_on_the_pool_size(pair, slots):
+    hf, model = pair
+    out = generate(model, PROMPTS, SamplingParams(n=3, temperature=0, max_new_tokens=24), slots=slots)
+    for prompt, rollouts in zip(PROMPTS, out):
+        expected = hf_greedy(hf, prompt, 24)
+        assert [r.token_ids for r in rollouts] == [expected] * 3
+        assert all(r.finish_reason == "length" for r in rollouts)
+
+
+def test_refill_with_a_sync_interval_gives_the_same_greedy_output(pair):
+    _, model = pair
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=16, stop_token_ids=(3,))
+    reference = generate(model, PROMPTS, params, slots=64)
+    refilled = generate(model, PROMPTS, params, slots=3, sync_every=5)
+    for ours, ref in zip(sum(refilled, []), sum(reference, [])):
+        assert (ours.token_ids, ours.finish_reason) == (ref.token_ids, ref.finish_reason)
+        assert torch.allclose(torch.tensor(ours.logprobs), torch.tensor(ref.logprobs), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Log-probs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_a_teacher_forced_forward(pair, temperature):
+    _, model = pair
+    out = generate(model, PROMPTS, SamplingParams(n=2, temperature=temperature, max_new_tokens=20), seed=0, slots=3)
+    for prompt, rollouts in zip(PROMPTS, out):
+        for r in rollouts:
+            expected = teacher_forced_logprobs(model, prompt, r.token_ids, temperature)
+            assert (torch.tensor(r.logprobs) - expected).abs().max() <= 1e-4
+
+
+def test_logprobs_with_top_k_are_renormalized_over_the_kept_tokens(pair):
+    _, model = pair
+    (r,), = generate(model, [PROMPTS[1]], SamplingParams(temperature=0.9, top_k=5, max_new_tokens=12), seed=1)
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[1] + r.token_ids]))[0, len(PROMPTS[1]) - 1:-1] / 0.9
+    kept = logits.topk(5, dim=-1)
+    renormalized = torch.log_softmax(kept.values, -1)
+    for i, t in enumerate(r.token_ids):
+        assert t in kept.indices[i].tolist()
+        assert abs(r.logprobs[i] - renormalized[i][kept.indices[i].tolist().index(t)].item()) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling frequencies
+
+# chi-square critical values at significance 0.001 for 1..7 degrees of freedom (standard tables)
+CHI2_CRITICAL = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
+
+
+def filtered_probs(logits, temperature, top_k, top_p):
+    """The distribution a sampler should draw from, computed independently in float64."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = p.argsort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    mass = 0.0
+    for rank, i in enumerate(order.tolist()):
+        if (top_k > 0 and rank >= top_k) or mass >= top_p:
+            break
+        keep[i] = True
+        mass += p[i].item()
+    return torch.where(keep, p, 0) / p[keep].sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, -1, 1.0), (1.0, 3, 1.0), (1.2, -1, 0.75)])
+def test_sampled_frequencies_match_the_model_probabilities(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    model = Qwen3(replace(PRESETS["tiny"], vocab_size=8, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)  # next-token probabilities from ~0.03 to ~0.22
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        probs = filtered_probs(model(torch.tensor([prompt]))[0, -1], temperature, top_k, top_p)
+    draws = 4000
+    out = generate(model, [prompt], SamplingParams(n=draws, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                   max_new_tokens=1), seed=123)
+    counts = torch.bincount(torch.tensor([r.token_ids[0] for r in out[0]]), minlength=8).double()
+    kept = probs > 0
+    assert (counts[~kept] == 0).all(), "a filtered-out token was sampled"
+    expected = probs[kept] * draws
+    assert expected.min() >= 5, "the test needs every kept token to be reasonably likely"
+    chi2 = ((counts[kept] - expected) ** 2 / expected).sum().item()
+    assert chi2 < CHI2_CRITICAL[int(kept.sum()) - 1]
+
+
+def test_sample_keeps_at_least_the_most_likely_token_under_a_tiny_top_p():
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    tokens, logprobs = sample(logits, SamplingParams(top_p=1e-6), torch.Generator().manual_seed(0))
+    assert tokens.tolist() == [1] and logprobs.tolist() == [0.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping rules
+
+
+def test_stop_tokens_budgets_and_max_new_tokens_are_exact(pair):
+    hf, model = pair
+    greedy = [hf_greedy(hf, p, 30) for p in PROMPTS]
+    stop = greedy[0][6]  # the 7th greedy token of prompt 0 becomes a stop token
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=30, stop_token_ids=(stop,))
+    budgets = [None, 4, 30, 11]
+    out = generate(model, PROMPTS, params, budgets=budgets, slots=3)
+    for p, rollouts in enumerate(out):
+        first_stop = greedy[p].index(stop) if stop in greedy[p] else None
+        limit = budgets[p] or 30
+        if first_stop is not None and first_stop < limit:
+            expected, reason = greedy[p][:first_stop + 1], "stop"  # the stop token is kept
+        else:
+            expected, reason = greedy[p][:limit], "cutoff" if limit < 30 else "length"
+        for r in rollouts:
+            assert (r.token_ids, r.finish_reason) == (expected, reason)
+            assert len(r.logprobs) == len(r.token_ids)
+    assert out[0][0].finish_reason == "stop" and out[1][0].finish_reason == "cutoff"
+
+
+def test_one_token_and_single_token_prompts(pair):
+    hf, model = pair
+    out = generate(model, [[70], [5, 17, 3]], SamplingParams(n=2, temperature=0, max_new_tokens=1))
+    assert [r.token_ids for r in out[0]] == [hf_greedy(hf, [70], 1)] * 2
+    assert all(r.finish_reason == "length" for rs in out for r in rs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reproducibility, progress, errors
+
+
+def test_the_same_seed_gives_the_same_tokens(pair):
+    _, model = pair
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=16)
+    first = generate(model, PROMPTS, params, seed=7, slots=6)
+    assert generate(model, PROMPTS, params, seed=7, slots=6) == first
+    assert generate(model, PROMPTS, params, seed=8, slots=6) != first
+
+
+def test_progress_bar_counts_sequences(pair, capsys):
+    _, model = pair
+    generate(model, PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=4), progress=True)
+    assert "8/8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompts=[[1], []]), "at least one token"),
+    (dict(budgets=[3]), "one positive budget"),
+    (dict(budgets=[0, None]), "one positive budget"),
+])
+def test_bad_requests_are_refused(pair, kwargs, message):
+    _, model = pair
+    args = dict(prompts=[[1, 2], [3]], budgets=None) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, args["prompts"], SamplingParams(), budgets=args["budgets"])
+
+
+def test_bad_sampling_params_are_refused():
+    for kwargs in (dict(n=0), dict(top_p=0.0), dict(top_k=0), dict(temperature=-1.0), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**kwargs)
+
+
+def test_log_of_a_probability_is_never_positive(pair):
+    _, model = pair
+    out = generate(model, PROMPTS, SamplingParams(n=2, top_p=0.9, max_new_tokens=8), seed=3)
+    assert all(lp <= 1e-6 and math.isfinite(lp) for rs in out for r in rs for lp in r.logprobs)
