@@ -5,7 +5,7 @@
 
 Both sides decode greedily (so their outputs can be compared token for token) for exactly
 max_new_tokens tokens (no stop token), and tokens/s counts generated tokens over wall time,
-prefill included. transformers gets the prompts repeated n times as one batch (on CUDA with its
+prefill included: the median of --repeats runs, the two sides alternating. transformers gets the prompts repeated n times as one batch (on CUDA with its
 static cache); on a GPU it runs only `--hf-prompts` of the prompts, since its batch must hold every
 sequence at once. The decode floor is what memory bandwidth allows: each decode step must read the
 weights and every live sequence's keys/values, so floor tokens/s = slots x bandwidth / (weight bytes
@@ -15,6 +15,7 @@ weights and every live sequence's keys/values, so floor tokens/s = slots x bandw
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +58,7 @@ def main():
     parser.add_argument("--slots", type=int, help="rollout.generate's KV pool (default: 256, or all on a CPU)")
     parser.add_argument("--hf-prompts", type=int, help="prompts transformers runs (default: all on a CPU, 4 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     big = device.type == "cuda"
@@ -84,30 +86,40 @@ def main():
           f"parameters, {str(dtype).removeprefix('torch.')}); {P} prompts x {args.n} samples, {L} prompt tokens, "
           f"{new} new tokens, greedy")
 
-    generate(model, prompts[:1], replace(params, n=2, max_new_tokens=4), slots=2, decode_step=step)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    ours = generate(model, prompts, params, slots=slots, decode_step=step)
-    sync(device)
-    ours_seconds = time.perf_counter() - t0
-    ours_rate = P * args.n * new / ours_seconds
+    from transformers import Qwen3ForCausalLM
 
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         hf = Qwen3ForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     batch = torch.tensor([p for p in prompts[:hf_prompts] for _ in range(args.n)], device=device)
     extra = dict(cache_implementation="static") if big else {}
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
-    with torch.no_grad():
-        hf.generate(batch[:2], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+
+    def run_ours():
+        return generate(model, prompts, params, slots=slots, decode_step=step)
+
+    def run_hf():
+        with torch.no_grad():
+            return hf.generate(batch, **kwargs)[:, L:].tolist()
+
+    def timed(fn):
         sync(device)
         t0 = time.perf_counter()
-        hf_out = hf.generate(batch, **kwargs)[:, L:].tolist()
+        out = fn()
         sync(device)
-    hf_seconds = time.perf_counter() - t0
+        return time.perf_counter() - t0, out
+
+    generate(model, prompts[:1], replace(params, n=2, max_new_tokens=4), slots=2, decode_step=step)  # warm-up
+    with torch.no_grad():
+        hf.generate(batch[:2], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    ours_times, hf_times = [], []
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
+        seconds, ours = timed(run_ours)
+        ours_times.append(seconds)
+        seconds, hf_out = timed(run_hf)
+        hf_times.append(seconds)
+    ours_seconds, hf_seconds = statistics.median(ours_times), statistics.median(hf_times)
+    ours_rate = P * args.n * new / ours_seconds
     hf_rate = len(batch) * new / hf_seconds
     same = sum(r.token_ids == h for p in range(hf_prompts) for r, h in
                zip(ours[p], hf_out[p * args.n:(p + 1) * args.n])) / len(batch)
