@@ -88,6 +88,28 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient-norm clip
 
 
+SOLUTION_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."
+META_TEMPLATE = """Do not solve the problem below yet. Predict how your own attempts at it will go.
+
+Problem: {problem}
+
+First reason briefly inside <meta> and </meta>: which mathematical notions a solution needs (leave out \
+notions the problem already names), how hard it is, and how long a correct solution is. Then write one \
+JSON object with exactly these keys:
+- "math_notion": a list of strings, the notions a solution needs;
+- "pass_rate": an integer from 0 to {group_size}, how many of {group_size} independent attempts will \
+reach the correct answer;
+- "solution_length": an integer from 1 to {max_length}, how many tokens a correct solution takes."""
+
+
+@dataclass
+class PromptConfig:
+    """User messages for both paths; the tokenizer's chat template wraps them."""
+    solution: str = SOLUTION_TEMPLATE  # must contain {problem}
+    meta: str = META_TEMPLATE  # must contain {problem}, {group_size} and {max_length}
+    hint: str = " Notions that may help: {notions}."  # appended to the solution prompt (efficient.hints)
+
+
 @dataclass
 class MetaConfig:
     pass_rate_base: float = 0.01  # b in the pass-rate reward b ** |p_true - pass_rate / G|
@@ -140,6 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -231,6 +254,10 @@ _RULES = [
 ]
 
 
+_PLACEHOLDERS = {"solution": ["{problem}"], "meta": ["{problem}", "{group_size}", "{max_length}"],
+                 "hint": ["{notions}"]}
+
+
 def check(cfg: Config):
     """Raise ConfigError for the first value that is of the right type but out of range."""
     for key, ok, expected in _RULES:
@@ -238,6 +265,10 @@ def check(cfg: Config):
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+    for name, needed in _PLACEHOLDERS.items():
+        missing = [p for p in needed if p not in getattr(cfg.prompt, name)]
+        if missing:
+            raise ConfigError(f"config key 'prompt.{name}' must contain {', '.join(missing)}")
 
 
 def from_dict(cls, raw: dict, where: str = "") -> Any:

@@ -1,0 +1,204 @@
+"""The MASA algorithm as plain functions: prompts for both paths, group advantages, the PPO-clip loss
+and its aggregation, predictive gating, early-cutoff budgets, notion hints, and expert meta
+trajectories for behaviour cloning (DESIGN.md §1; Kim, Jang and Yang, arXiv 2510.03259).
+
+Everything here works on one step's data and knows nothing of models, devices or processes:
+train.py generates rollouts, grades them (rewards.py), and calls these functions; kernels/ supplies
+the fused log-probs and advantages. Shapes are noted where tensors are taken or returned.
+
+Not here: the step loop, distributed reductions (the loss takes the global token and sequence counts
+as arguments), tokenization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from rewards import MetaPrediction
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts (the chat template is applied by the tokenizer in train.py)
+
+
+def solution_prompt(problem: str, template: str, hint: list[str] | None = None,
+                    hint_template: str = "") -> str:
+    """The solution path's user message: `template` with {problem} filled in, plus a notion hint when
+    given (MASA-efficient's notion hints: `hint_template` with {notions})."""
+    text = template.replace("{problem}", problem)
+    if hint:
+        text += hint_template.replace("{notions}", ", ".join(hint))
+    return text
+
+
+def meta_prompt(problem: str, template: str, group_size: int, max_length: int) -> str:
+    """The meta path's user message. It states the real group size G and the real response budget
+    (the paper's code stated the prompt budget by mistake)."""
+    return (template.replace("{problem}", problem).replace("{group_size}", str(group_size))
+            .replace("{max_length}", str(max_length)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [groups * group_size] -> (r - mean) / (std + eps) per consecutive group (sample std);
+    0 for a group whose rewards are all equal. Solution groups (G) and meta groups (M) are normalized
+    separately by calling this once for each. Step 3 of DESIGN.md §1."""
+    return kernels.group_advantages(rewards.float(), group_size, eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The policy loss
+
+
+@dataclass
+class LossScale:
+    """Global counts the loss divides by, summed over all micro-batches and ranks of one optimizer
+    step, so that per-micro-batch losses add up to the loss of the whole batch."""
+    tokens: int  # response tokens in the global batch
+    sequences: int  # responses in the global batch
+    max_response_tokens: int  # the generation budget (Dr.GRPO's constant)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, scale: LossScale, clip_low: float = 0.2, clip_high: float = 0.28,
+                aggregation: str = "token-mean", ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0):
+    """Token-level PPO-clip loss (step 4 of DESIGN.md §1) for one micro-batch.
+
+    logprobs, old_logprobs [B, T] float32: log pi(token) now and at sampling time (equal tensors on the
+        first pass over a batch: the ratio is exactly 1 and the gradient is the plain policy gradient);
+    advantages [B] (one per response) or [B, T]; mask [B, T]: 1 on response tokens;
+    ref_logprobs [B, T]: a frozen reference policy, for the k3 KL estimator exp(r - l) - (r - l) - 1;
+    entropy [B, T]: the policy's entropy per token, for an entropy bonus.
+
+    Per token: max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)) (+ kl_coef k3 - entropy_coef H).
+    Aggregation over tokens:
+      token-mean            sum over all response tokens / scale.tokens (the paper's);
+      seq-mean-token-mean   each response's token mean, summed / scale.sequences;
+      constant              sum / (scale.sequences * scale.max_response_tokens) (Dr.GRPO).
+    Returns (loss, metrics): metrics are sums over this micro-batch's tokens (clipped tokens, ratio
+    sum/min/max, entropy and KL sums, token count), so they add across micro-batches and ranks.
+    """
+    mask = mask.to(logprobs.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)  # [B, T]
+    kl = None
+    if ref_logprobs is not None and kl_coef:
+        delta = ref_logprobs - logprobs
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + kl_coef * kl
+    if entropy is not None and entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    if aggregation == "token-mean":
+        loss = (per_token * mask).sum() / scale.tokens
+    elif aggregation == "seq-mean-token-mean":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).sum() / scale.sequences
+    elif aggregation == "constant":
+        loss = (per_token * mask).sum() / (scale.sequences * scale.max_response_tokens)
+    else:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; use token-mean, seq-mean-token-mean "
+                         f"or constant")
+    with torch.no_grad():
+        on = mask > 0
+        metrics = {
+            "tokens": float(mask.sum()),
+            "clipped_tokens": float(((clipped > unclipped) & on).sum()),
+            "ratio_sum": float((ratio * mask).sum()),
+            "ratio_min": float(ratio[on].min()) if on.any() else 1.0,
+            "ratio_max": float(ratio[on].max()) if on.any() else 1.0,
+            "entropy_sum": float((entropy * mask).sum()) if entropy is not None else 0.0,
+            "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# MASA-efficient: gating, cutoff, hints, experts
+
+
+def predicted_pass_rates(predictions: list[MetaPrediction | None], group_size: int) -> list[float | None]:
+    """Each prediction's pass rate as a fraction of G (None where it gave none)."""
+    return [None if p is None or p.pass_rate is None else p.pass_rate / group_size for p in predictions]
+
+
+def gate(pass_rates: list[list[float | None]], gate_std: float = 0.1, gate_eps: float = 0.05) -> list[bool]:
+    """Predictive gating. pass_rates: per prompt, its M predicted pass rates as fractions (None for an
+    unparseable prediction). A prompt is gated (gets no solution rollouts) when all M predictions are
+    valid, their population std is below gate_std, and their mean is <= gate_eps or >= 1 - gate_eps:
+    it is confidently predicted to be all-wrong or all-right, a group whose advantages would be 0."""
+    gated = []
+    for rates in pass_rates:
+        if not rates or any(r is None for r in rates):
+            gated.append(False)
+            continue
+        mean, std = statistics.fmean(rates), statistics.pstdev(rates)
+        gated.append(std < gate_std and (mean <= gate_eps or mean >= 1 - gate_eps))
+    return gated
+
+
+def cutoff_budgets(lengths: list[list[int | None]], factor: float, max_response_tokens: int) -> list[int]:
+    """Early cutoff. lengths: per prompt, its M predicted solution lengths (None where missing). The
+    budget of every solution rollout of that prompt is min(max_response_tokens, ceil(factor x median
+    of the valid predictions)); a prompt with no valid prediction gets max_response_tokens."""
+    budgets = []
+    for predicted in lengths:
+        valid = [n for n in predicted if n is not None]
+        budget = math.ceil(factor * statistics.median(valid)) if valid else max_response_tokens
+        budgets.append(max(1, min(max_response_tokens, budget)))
+    return budgets
+
+
+def hint_notions(predictions: list[MetaPrediction | None], generator: torch.Generator) -> list[str]:
+    """Notion hint: the notions of one meta rollout, drawn at random among those that listed any."""
+    candidates = [p.notions for p in predictions if p is not None and p.notions]
+    if not candidates:
+        return []
+    return candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+
+
+def select_expert(meta_scores: list[float], threshold: float) -> int | None:
+    """Expert meta trajectory of one prompt: the index of its highest-scoring meta rollout (the first
+    on ties) if that score reaches `threshold`, else None."""
+    if not meta_scores:
+        return None
+    best = max(range(len(meta_scores)), key=lambda i: meta_scores[i])
+    return best if meta_scores[best] >= threshold else None
+
+
+def expert_target(response: str, prediction: MetaPrediction, correct_lengths: list[int], num_correct: int) -> str:
+    """The behaviour-cloning target for an expert meta rollout: its <meta> reasoning, then the JSON
+    the meta path must produce, with the true statistics of this step's rollouts filled in (pass rate
+    = number correct, solution length = median correct length, or the prediction's when none was
+    correct) and the expert's notions. Written with json.dumps, i.e. exactly what
+    rewards.parse_meta reads back (the paper's code wrote Python-dict text its parser rejected)."""
+    start, end = response.find("<meta>"), response.find("</meta>")
+    reasoning = response[start:end + len("</meta>")] if 0 <= start < end else "<meta></meta>"
+    length = int(statistics.median(correct_lengths)) if correct_lengths else prediction.solution_length
+    target = {"math_notion": prediction.notions, "pass_rate": num_correct, "solution_length": length}
+    return reasoning + "\n" + json.dumps(target, ensure_ascii=False)
+
+
+def gating_precision(gated: list[bool], zero_variance: list[bool]) -> float | None:
+    """Audit: of the gated prompts, the fraction whose real solution rollouts (run anyway, outside the
+    loss) all got the same reward. None when nothing was gated."""
+    hits = [z for g, z in zip(gated, zero_variance) if g]
+    return sum(hits) / len(hits) if hits else None
+
+
+def cutoff_precision(cut: list[bool], correct_if_continued: list[bool]) -> float | None:
+    """Audit: of the rollouts stopped at their budget, the fraction that would have ended wrong had
+    they been allowed to run to max_response_tokens. None when nothing was cut."""
+    hits = [not c for k, c in zip(cut, correct_if_continued) if k]
+    return sum(hits) / len(hits) if hits else None

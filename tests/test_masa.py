@@ -1,0 +1,175 @@
+"""masa.py: the loss against hand computations and autograd's plain policy gradient; gating, cutoff,
+hints, experts and the audit on constructed inputs; prompts."""
+
+import json
+
+import pytest
+import torch
+
+from config import Config, ConfigError, load_config
+from masa import (LossScale, cutoff_budgets, cutoff_precision, expert_target, gate, gating_precision,
+                  group_advantages, hint_notions, meta_prompt, policy_loss, predicted_pass_rates,
+                  select_expert, solution_prompt)
+from rewards import MetaPrediction, parse_meta
+
+# ---------------------------------------------------------------------------------------------------
+# The loss
+
+# Two responses: the first has 3 tokens, the second 2 (then padding).
+MASK = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+ADV = torch.tensor([2.0, -1.0])
+NEW = torch.log(torch.tensor([[1.1, 1.5, 0.5], [0.7, 1.0, 9.0]]))  # log-ratios against OLD = 0
+OLD = torch.zeros(2, 3)
+SCALE = LossScale(tokens=10, sequences=4, max_response_tokens=8)  # counts of a larger global batch
+
+# Per-token PPO-clip terms with clip range [0.8, 1.28], worked by hand:
+#   A = 2:  ratio 1.1 -> -2.2;  ratio 1.5 -> max(-3.0, -2.56) = -2.56;  ratio 0.5 -> max(-1.0, -1.6) = -1.0
+#   A = -1: ratio 0.7 -> max(0.7, 0.8) = 0.8;  ratio 1.0 -> 1.0;  (padding: not counted)
+ROW0, ROW1 = -2.2 - 2.56 - 1.0, 0.8 + 1.0
+
+
+@pytest.mark.parametrize("aggregation,expected", [
+    ("token-mean", (ROW0 + ROW1) / 10),
+    ("seq-mean-token-mean", (ROW0 / 3 + ROW1 / 2) / 4),
+    ("constant", (ROW0 + ROW1) / (4 * 8)),
+])
+def test_aggregation_modes_against_hand_computation(aggregation, expected):
+    loss, metrics = policy_loss(NEW, OLD, ADV, MASK, SCALE, aggregation=aggregation)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["tokens"] == 5
+    assert metrics["clipped_tokens"] == 2  # ratio 1.5 with A > 0 and ratio 0.7 with A < 0
+    assert metrics["ratio_min"] == pytest.approx(0.5) and metrics["ratio_max"] == pytest.approx(1.5)
+
+
+def test_micro_batch_losses_add_up_to_the_batch_loss():
+    whole, _ = policy_loss(NEW, OLD, ADV, MASK, SCALE)
+    parts = [policy_loss(NEW[i:i + 1], OLD[i:i + 1], ADV[i:i + 1], MASK[i:i + 1], SCALE)[0] for i in range(2)]
+    assert sum(parts).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_on_policy_ratio_is_one_and_the_gradient_is_the_plain_policy_gradient():
+    logprobs = torch.log(torch.tensor([[0.2, 0.5, 0.9], [0.3, 0.6, 0.1]])).requires_grad_()
+    loss, metrics = policy_loss(logprobs, logprobs.detach(), ADV, MASK, SCALE)
+    loss.backward()
+    assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0 and metrics["clipped_tokens"] == 0
+    # REINFORCE: d/d logp of -(1/N) sum_t A_t logp_t
+    expected = -ADV[:, None] * MASK / SCALE.tokens
+    assert torch.allclose(logprobs.grad, expected)
+
+
+def test_k3_kl_and_entropy_bonus_terms():
+    logprobs = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    entropy = torch.tensor([[1.0, 3.0]])
+    mask, adv, scale = torch.ones(1, 2), torch.zeros(1), LossScale(2, 1, 2)
+    loss, metrics = policy_loss(logprobs, logprobs, adv, mask, scale, ref_logprobs=ref, kl_coef=0.5,
+                                entropy=entropy, entropy_coef=0.1)
+    k3 = [0.5 - torch.log(torch.tensor(0.5)).item() - 1, 0.0]  # exp(r - l) - (r - l) - 1
+    assert loss.item() == pytest.approx((0.5 * sum(k3) - 0.1 * 4.0) / 2, rel=1e-6)
+    assert metrics["kl_sum"] == pytest.approx(sum(k3), rel=1e-6) and metrics["entropy_sum"] == 4.0
+
+
+def test_unknown_aggregation_is_refused():
+    with pytest.raises(ValueError, match="unknown loss aggregation 'mean'"):
+        policy_loss(NEW, OLD, ADV, MASK, SCALE, aggregation="mean")
+
+
+def test_group_advantages_normalize_each_group_alone():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, 4)
+    std = torch.tensor([1.0, 0, 0, 0]).std()  # sample std, as kernels/ documents
+    assert torch.allclose(adv[:4], (torch.tensor([1.0, 0, 0, 0]) - 0.25) / (std + 1e-6))
+    assert (adv[4:] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gating and cutoff
+
+
+def test_gate_needs_agreement_near_zero_or_one():
+    prompts = [
+        [0.0] * 8,  # confidently all-wrong: gated
+        [1.0] * 7 + [0.9375],  # confidently all-right (std 0.02): gated
+        [0.0] * 7 + [0.5],  # mean 0.0625 > eps: not gated
+        [0.5] * 8,  # agreement, but on a mixed outcome: not gated
+        [0.0, 0.0, 0.25, 0.25] * 2,  # mean 0.125, std 0.125: not gated
+        [0.0] * 7 + [None],  # one prediction unparseable: not gated
+        [],
+    ]
+    assert gate(prompts, gate_std=0.1, gate_eps=0.05) == [True, True, False, False, False, False, False]
+
+
+def test_predicted_pass_rates_are_fractions_of_the_group():
+    preds = [MetaPrediction(4, 10, []), None, MetaPrediction(None, 10, [])]
+    assert predicted_pass_rates(preds, 16) == [0.25, None, None]
+
+
+def test_cutoff_budgets_use_the_median_prediction():
+    lengths = [[100, 300, 200], [10, None, 20, None], [5000, 6000], [None, None], [1, 1]]
+    assert cutoff_budgets(lengths, factor=2.0, max_response_tokens=8192) == [400, 30, 8192, 8192, 2]
+    assert cutoff_budgets([[101]], factor=1.5, max_response_tokens=8192) == [152]  # ceil(151.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hints, experts, audit
+
+
+def test_hint_picks_one_prediction_that_has_notions():
+    preds = [None, MetaPrediction(1, 2, []), MetaPrediction(1, 2, ["carry"]), MetaPrediction(1, 2, ["borrow"])]
+    picks = {tuple(hint_notions(preds, torch.Generator().manual_seed(s))) for s in range(20)}
+    assert picks == {("carry",), ("borrow",)}
+    assert hint_notions([None, MetaPrediction(1, 2, [])], torch.Generator()) == []
+
+
+def test_expert_is_the_best_meta_rollout_above_the_threshold():
+    assert select_expert([0.2, 0.95, 0.95, 0.4], threshold=0.9) == 1  # first of the tied best
+    assert select_expert([0.2, 0.85], threshold=0.9) is None
+    assert select_expert([], threshold=0.0) is None
+
+
+def test_expert_target_parses_back_to_the_same_values():
+    response = 'Hmm. <meta>Two-digit sums need one carry.</meta>\n{"math_notion": ["carry"], "pass_rate": 3}'
+    prediction = parse_meta(response, group_size=4)
+    target = expert_target(response, prediction, correct_lengths=[40, 44, 47], num_correct=3)
+    assert target.startswith("<meta>Two-digit sums need one carry.</meta>\n")
+    parsed = parse_meta(target, group_size=4, max_length=8192)
+    assert (parsed.pass_rate, parsed.solution_length, parsed.notions) == (3, 44, ["carry"])
+    assert json.loads(target.split("\n", 1)[1]) == {"math_notion": ["carry"], "pass_rate": 3, "solution_length": 44}
+
+
+def test_expert_target_without_meta_tags_or_ascii():
+    prediction = MetaPrediction(1, 12, ["Möbius inversion"])
+    parsed = parse_meta(expert_target("no tags here", prediction, [], num_correct=0))
+    assert (parsed.pass_rate, parsed.solution_length, parsed.notions) == (0, 12, ["Möbius inversion"])
+
+
+def test_audit_precisions():
+    assert gating_precision([True, True, False, True], [True, False, False, True]) == pytest.approx(2 / 3)
+    assert gating_precision([False, False], [True, True]) is None
+    assert cutoff_precision([True, True, False], [False, True, True]) == 0.5
+    assert cutoff_precision([False], [True]) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_meta_prompt_states_the_group_size_and_the_response_budget():
+    cfg = Config()
+    text = meta_prompt(r"Find $\frac{a}{b}$ if {x} = 2.", cfg.prompt.meta, group_size=16, max_length=8192)
+    assert r"Find $\frac{a}{b}$ if {x} = 2." in text  # braces in the problem survive
+    assert "from 0 to 16" in text and "from 1 to 8192" in text
+    assert "{group_size}" not in text and "{max_length}" not in text
+
+
+def test_solution_prompt_with_and_without_a_hint():
+    cfg = Config()
+    plain = solution_prompt("What is 2+2?", cfg.prompt.solution)
+    assert plain == r"What is 2+2? Let's think step by step and output the final answer within \boxed{}."
+    hinted = solution_prompt("What is 2+2?", cfg.prompt.solution, ["addition", "carry"], cfg.prompt.hint)
+    assert hinted == plain + " Notions that may help: addition, carry."
+
+
+def test_templates_must_keep_their_placeholders():
+    with pytest.raises(ConfigError, match="'prompt.meta' must contain {group_size}"):
+        load_config(None, ["prompt.meta=Predict {problem} in {max_length} tokens"])
