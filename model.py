@@ -286,11 +286,16 @@ class Qwen3(nn.Module):
                 nn.init.ones_(m.weight)
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None, start=None, rows=None,
-                kv_len: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+                kv_len: int | None = None, return_hidden: bool = False, targets: torch.Tensor | None = None,
+                temperature: float = 1.0):
         """input_ids [B, T] -> logits [B, T, V] (or final hidden states [B, T, H]).
 
         Without `cache`: causal attention over the T tokens at positions 0..T-1 (training forward).
         With `cache`: see `KVCache` for `start`, `rows` and `kv_len`.
+        With `targets` [B, T] (the token that follows each position): returns (log p(target), entropy),
+        each [B, T] float32 under softmax(logits / temperature), through kernels.linear_token_logprobs,
+        so full logits never exist. Computing them inside forward also lets FSDP keep the lm_head
+        weight gathered exactly while it is used.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -319,6 +324,10 @@ class Qwen3(nn.Module):
             else:
                 x = layer(x, cos, sin, cache, slots, mask)
         x = self.norm(x)
+        if targets is not None:
+            import kernels
+
+            return kernels.linear_token_logprobs(x, self.output_weight, targets, temperature)
         return x if return_hidden else self.logits(x)
 
     # -- checkpoints ---------------------------------------------------------------------------------

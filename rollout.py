@@ -101,9 +101,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 @torch.no_grad()
 def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
              budgets: list[int | None] | None = None, seed: int | None = None, *,
-             slots: int | None = None, sync_every: int | None = None, progress: bool = False,
-             decode_step=None) -> list[list[Rollout]]:
+             counts: list[int] | None = None, slots: int | None = None, sync_every: int | None = None,
+             progress: bool = False, decode_step=None) -> list[list[Rollout]]:
     """Sample `params.n` continuations of every prompt (lists of token ids).
+
+    counts: optional samples per prompt, overriding params.n (the trainer samples G solutions and
+        M meta predictions in one call).
 
     budgets: optional per-prompt token budgets (early cutoff); a sample that reaches its prompt's
         budget before max_new_tokens and before a stop token ends with finish_reason "cutoff".
@@ -120,8 +123,13 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     budgets = budgets or [None] * len(prompts)
     if len(budgets) != len(prompts) or any(b is not None and b < 1 for b in budgets):
         raise ValueError("budgets must give one positive budget (or None) per prompt")
+    counts = counts or [params.n] * len(prompts)
+    if len(counts) != len(prompts) or any(c < 0 for c in counts):
+        raise ValueError("counts must give one sample count (>= 0) per prompt")
     device = model.embed_tokens.weight.device
-    work = deque((p, j) for p in range(len(prompts)) for j in range(params.n))
+    work = deque((p, j) for p in range(len(prompts)) for j in range(counts[p]))
+    if not work:
+        return [[] for _ in prompts]
     S = min(len(work), slots or 256)
     max_new = params.max_new_tokens
     cache = KVCache(model.config, S, max(len(p) for p in prompts) + max_new, model.embed_tokens.weight.dtype, device)
@@ -148,7 +156,7 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     # Host-side view: what each slot holds and an upper bound on its length (for kv_len).
     owner: list[tuple[int, int] | None] = [None] * S  # (prompt, sample) or None when free
     host_len = [0] * S
-    results: list[list[Rollout | None]] = [[None] * params.n for _ in prompts]
+    results: list[list[Rollout | None]] = [[None] * c for c in counts]
     bar = _progress_bar(len(work), progress)
     generated = [0]  # tokens in finished rollouts, for the progress bar
 

@@ -378,3 +378,15 @@ def test_failed_download_says_what_to_do(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="not a local directory.*ConnectionError.*download it yourself"):
         Qwen3.from_pretrained("Qwen/Qwen3-8B-Base")
+
+
+def test_targets_give_the_log_softmax_of_the_logits(hf_checkpoint):
+    _, path = hf_checkpoint()
+    model = Qwen3.from_pretrained(path).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    targets = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        logprobs, entropy = model(ids, targets=targets, temperature=0.8)
+        logp = torch.log_softmax(model(ids) / 0.8, -1)
+    assert torch.allclose(logprobs, logp.gather(-1, targets[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5)

@@ -205,3 +205,11 @@ def test_log_of_a_probability_is_never_positive(pair):
     _, model = pair
     out = generate(model, PROMPTS, SamplingParams(n=2, top_p=0.9, max_new_tokens=8), seed=3)
     assert all(lp <= 1e-6 and math.isfinite(lp) for rs in out for r in rs for lp in r.logprobs)
+
+
+def test_per_prompt_sample_counts(pair):
+    hf, model = pair
+    out = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=6), counts=[3, 0, 1, 2], slots=4)
+    assert [len(rs) for rs in out] == [3, 0, 1, 2]
+    assert [r.token_ids for r in out[3]] == [hf_greedy(hf, PROMPTS[3], 6)] * 2
+    assert generate(model, PROMPTS[:1], SamplingParams(), counts=[0]) == [[]]

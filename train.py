@@ -1,0 +1,561 @@
+"""The trainer: GRPO, MASA and MASA-efficient (DESIGN.md §1) on one process or many.
+
+    python train.py CONFIG [section.key=value ...]                      # one process (CPU or one GPU)
+    torchrun --nproc_per_node 8 train.py CONFIG [section.key=value ...] # one node; NCCL on CUDA, gloo on CPU
+
+One step, in the order the code runs it:
+1. Every rank takes its contiguous share of the step's B prompts (a group never spans ranks).
+2. Rollouts on each rank's full, unsharded copy of the weights (`actor`, refreshed after every
+   optimizer step): the meta path (M per prompt) and the solution path (G per prompt); with
+   MASA-efficient the meta path runs first, and its predictions gate prompts, set cutoff budgets and
+   supply notion hints for the solution path.
+3. Grading (rewards.py), meta rewards against each prompt's own solution rollouts, advantages per
+   group (masa.py).
+4. The update on the FSDP2-sharded policy: micro-batches sorted by length, log-probs through the
+   fused kernel inside the model's forward, masa.policy_loss divided by the global token count (all-
+   reduced), gradient-norm clip, AdamW with linear warmup. A non-finite loss or gradient skips the
+   step and leaves the weights untouched.
+5. Behaviour cloning on expert meta trajectories, the audit, logging, validation, checkpoints.
+
+Checkpoints (checkpoint.dir/step_NNNNNN): `model/` in Hugging Face format (loadable by transformers
+and vLLM as is, tokenizer included), `state/` a sharded torch.distributed.checkpoint of the policy
+and optimizer, `rank<r>.pt` the scheduler, step and every RNG of each rank, and the resolved
+config. Each is written to a temporary directory and renamed; `latest` names the newest complete
+one. Rollouts are seeded by (seed, step, rank), so a resumed run repeats exactly what the
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+import masa
+from config import Config, load_config, to_dict
+from data import load_problems
+from model import Qwen3
+from rewards import GraderPool, Outcome, grade_batch, meta_reward, parse_meta
+from rollout import SamplingParams, generate
+
+# ---------------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Env:
+    """Join torchrun's process group, or make a one-process group (FSDP2 runs the same either way)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Env(dist.get_rank(), dist.get_world_size(), device)
+
+
+def build_policy(cfg: Config, env: Env) -> Qwen3:
+    """The trained model: float32 master weights sharded with FSDP2 per block and at the root; on
+    CUDA with bfloat16 the forward and backward run in bf16 and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = Qwen3.from_pretrained(cfg.model.path, dtype=torch.float32, device=env.device)
+    policy.activation_checkpointing = cfg.model.activation_checkpointing
+    low = getattr(torch, cfg.model.dtype)
+    mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low != torch.float32 else None
+    kwargs = {"mp_policy": mp} if mp else {}
+    for block in policy.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(policy, **kwargs)
+    # The loss is already divided by global counts (masa.LossScale): gradients must be summed over
+    # ranks, not averaged as FSDP does by default.
+    for module in [*policy.layers, policy]:
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM, which gloo supports too
+    return policy
+
+
+@torch.no_grad()
+def refresh_actor(actor: Qwen3, policy: Qwen3):
+    """Copy the sharded policy's weights into the full rollout copy, one tensor at a time."""
+    actor_params = dict(actor.named_parameters())
+    for name, p in policy.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        actor_params[name].copy_(full)
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(out["input_ids"] if not isinstance(out, list) else out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One step's data
+
+
+@dataclass
+class Sequence:
+    """One rollout in the loss: prompt + response token ids, its advantage and sampling log-probs."""
+    prompt: list[int]
+    response: list[int]
+    advantage: float
+
+
+@dataclass
+class StepData:
+    sequences: list[Sequence] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    experts: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, BC target) ids
+
+
+def step_problems(problems: list[dict], cfg: Config, step: int, env: Env) -> list[dict]:
+    """This rank's share of step `step`'s prompts: epochs are seeded permutations of the data."""
+    B, n = cfg.train.batch_size, len(problems)
+    share = B // env.world
+    out = []
+    for i in range(step * B + env.rank * share, step * B + (env.rank + 1) * share):
+        epoch, index = divmod(i, n)
+        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(n) if cfg.data.shuffle else range(n)
+        out.append(problems[order[index]])
+    return out
+
+
+def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: GraderPool,
+            problems: list[dict]) -> StepData:
+    """Steps 2-3: rollouts for this rank's prompts, rewards, advantages, experts."""
+    G, M = cfg.rollout.group_size, cfg.rollout.meta_group_size
+    max_new = cfg.rollout.max_response_tokens
+    meta_path = cfg.algorithm in ("masa", "masa_efficient")
+    efficient = cfg.efficient if cfg.algorithm == "masa_efficient" else None
+    params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            max_new_tokens=max_new, stop_token_ids=stop_token_ids(tokenizer))
+    seed = (cfg.train.seed * 1_000_003 + step) * 1009 + env.rank
+    generator = torch.Generator().manual_seed(seed)
+    P = len(problems)
+    meta_ids = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], cfg.prompt.meta, G, max_new)) for p in problems]
+    data, m = StepData(), {}
+
+    # Meta rollouts first when their predictions steer the solution path; otherwise both in one call.
+    meta_rollouts = None
+    if efficient is not None:
+        meta_rollouts = generate(actor, meta_ids, params, seed=seed, counts=[M] * P)
+    predictions = [[parse_meta(tokenizer.decode(r.token_ids, skip_special_tokens=True), G, max_new) for r in rs]
+                   for rs in meta_rollouts] if meta_rollouts else None
+    gated, budgets, hints = [False] * P, [None] * P, [None] * P
+    if efficient is not None:
+        if efficient.gating and step >= efficient.gate_start_step:
+            gated = masa.gate([masa.predicted_pass_rates(ps, G) for ps in predictions], efficient.gate_std,
+                              efficient.gate_eps)
+        if efficient.cutoff:
+            budgets = masa.cutoff_budgets([[p.solution_length if p else None for p in ps] for ps in predictions],
+                                          efficient.cutoff_factor, max_new)
+        if efficient.hints:
+            hints = [masa.hint_notions(ps, generator) for ps in predictions]
+    solution_ids = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], cfg.prompt.solution, h, cfg.prompt.hint))
+                    for p, h in zip(problems, hints)]
+    too_long = max(len(x) for x in solution_ids + meta_ids) > cfg.rollout.max_prompt_tokens
+    if too_long:
+        raise ValueError(f"a prompt exceeds rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}; filter the "
+                         f"data or raise the limit")
+    counts = [0 if g else G for g in gated]
+    if meta_path and meta_rollouts is None:
+        out = generate(actor, meta_ids + solution_ids, params, seed=seed, counts=[M] * P + counts)
+        meta_rollouts, solution_rollouts = out[:P], out[P:]
+        predictions = [[parse_meta(tokenizer.decode(r.token_ids, skip_special_tokens=True), G, max_new) for r in rs]
+                       for rs in meta_rollouts]
+    else:
+        solution_rollouts = generate(actor, solution_ids, params, budgets=budgets, seed=seed + 1, counts=counts)
+
+    # Grade solutions: a rollout stopped at its cutoff budget earns 0 whatever it wrote.
+    texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in solution_rollouts]
+    flat = [(t, p["answer"]) for ts, p in zip(texts, problems) for t in ts]
+    grades = grade_batch([t for t, _ in flat], [a for _, a in flat], pool) if flat else None
+    correct, k = [], 0
+    for rs in solution_rollouts:
+        correct.append([bool(grades.correct[k + j]) and r.finish_reason != "cutoff" for j, r in enumerate(rs)])
+        k += len(rs)
+
+    rewards = torch.tensor([float(c) for cs in correct for c in cs])
+    advantages = masa.group_advantages(rewards, G).tolist() if len(rewards) else []
+    k = 0
+    for prompt, rs in zip(solution_ids, solution_rollouts):
+        for r in rs:
+            data.sequences.append(Sequence(prompt, r.token_ids, advantages[k]))
+            k += 1
+    m["reward"] = rewards.mean().item() if len(rewards) else float("nan")
+    m["solution_tokens"] = sum(len(r.token_ids) for rs in solution_rollouts for r in rs)
+    m["solution_rollouts"] = len(rewards)
+    m["cutoff_fraction"] = (sum(r.finish_reason == "cutoff" for rs in solution_rollouts for r in rs)
+                            / max(1, len(rewards)))
+    m["gated_fraction"] = sum(gated) / P
+    m["grader_timeouts"] = grades.timeouts if grades else 0
+
+    if meta_path:
+        scores, parts, errors = [], {"pass_rate": [], "length": [], "notion": []}, []
+        meta_seqs = []
+        for i, (problem, rs, preds) in enumerate(zip(problems, meta_rollouts, predictions)):
+            if gated[i]:
+                continue  # no solution rollouts, so nothing to score these predictions against
+            outcomes = [Outcome(c, len(r.token_ids), t) for c, r, t in zip(correct[i], solution_rollouts[i], texts[i])]
+            results = [meta_reward(p, outcomes, problem["problem"], G, cfg.meta.pass_rate_base) for p in preds]
+            p_true = sum(correct[i]) / G
+            for p, res in zip(preds, results):
+                for key in parts:
+                    parts[key].append(res[key])
+                if p is not None and p.pass_rate is not None:
+                    errors.append(abs(p.pass_rate / G - p_true))
+            scores.extend(res["score"] for res in results)
+            meta_seqs.extend((meta_ids[i], r.token_ids) for r in rs)
+            if efficient is not None and efficient.behaviour_cloning:
+                best = masa.select_expert([res["score"] if p is not None else -1.0 for p, res in zip(preds, results)],
+                                          efficient.bc_threshold)  # an unparseable response is no expert
+                if best is not None:
+                    response = tokenizer.decode(rs[best].token_ids, skip_special_tokens=True)
+                    lengths = [o.length for o in outcomes if o.correct]
+                    target = masa.expert_target(response, preds[best], lengths, sum(correct[i]))
+                    ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+                    data.experts.append((meta_ids[i], ids))
+        meta_adv = masa.group_advantages(torch.tensor(scores), M).tolist() if scores else []
+        data.sequences.extend(Sequence(p, r, a) for (p, r), a in zip(meta_seqs, meta_adv))
+        m["meta_reward"] = sum(scores) / len(scores) if scores else float("nan")
+        for key, values in parts.items():
+            m[f"meta_{key}"] = sum(values) / len(values) if values else float("nan")
+        m["pass_rate_mae"] = sum(errors) / len(errors) if errors else float("nan")
+        m["meta_parse_failures"] = sum(p is None for ps in predictions for p in ps) / max(1, P * M)
+        m["meta_tokens"] = sum(len(r.token_ids) for rs in meta_rollouts for r in rs)
+    data.metrics = m
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# The update
+
+
+def micro_batches(sequences: list[Sequence], max_tokens: int) -> list[list[Sequence]]:
+    """Sort by length, then pack so that (rows x longest row) stays within max_tokens."""
+    batches, current = [], []
+    for s in sorted(sequences, key=lambda s: len(s.prompt) + len(s.response)):
+        length = len(s.prompt) + len(s.response)
+        if current and (len(current) + 1) * length > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(s)
+    return batches + ([current] if current else [])
+
+
+def tensors(batch: list[Sequence], device):
+    """ids [b, T] right-padded, targets [b, T] (the next token), response mask [b, T], advantages [b]."""
+    T = max(len(s.prompt) + len(s.response) for s in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    mask = torch.zeros(len(batch), T)
+    for i, s in enumerate(batch):
+        tokens = s.prompt + s.response
+        ids[i, :len(tokens)] = torch.tensor(tokens)
+        mask[i, len(s.prompt) - 1:len(tokens) - 1] = 1  # positions whose next token is a response token
+    targets = torch.cat([ids[:, 1:], torch.zeros(len(batch), 1, dtype=torch.long)], dim=1)
+    adv = torch.tensor([s.advantage for s in batch])
+    return ids.to(device), targets.to(device), mask.to(device), adv.to(device)
+
+
+def all_reduce(values: list[float], env: Env, op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, data: StepData) -> dict:
+    """Step 4: one optimizer step per mini-batch per PPO epoch (1 x 1 in the paper)."""
+    temperature = cfg.rollout.temperature or 1.0
+    sequences = data.sequences
+    old = None
+    if cfg.train.ppo_epochs > 1 or cfg.train.mini_batches > 1:  # the ratio needs log-probs before any update
+        old = {}
+        with torch.no_grad():
+            for batch in _same_count(micro_batches(sequences, cfg.train.micro_batch_tokens), env):
+                ids, targets, _, _ = tensors(batch or [_DUMMY], env.device)
+                logprobs, _ = policy(ids, targets=targets, temperature=temperature)
+                for s, row in zip(batch, logprobs):
+                    old[id(s)] = row[:len(s.prompt) + len(s.response)]
+    metrics = {}
+    for _ in range(cfg.train.ppo_epochs):
+        parts = [sequences[i::cfg.train.mini_batches] for i in range(cfg.train.mini_batches)]
+        for part in parts:
+            metrics = _optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature)
+    return metrics
+
+
+_DUMMY = Sequence([0], [0], 0.0)  # a rank with less work runs this (masked out) so collectives match
+
+
+def _same_count(batches: list, env: Env) -> list:
+    """FSDP's collectives need every rank to run as many forwards as the busiest one."""
+    most = int(all_reduce([len(batches)], env, dist.ReduceOp.MAX)[0])
+    return batches + [[] for _ in range(most - len(batches))]
+
+
+def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temperature) -> dict:
+    tokens, count = all_reduce([sum(len(s.response) for s in sequences), len(sequences)], env)
+    scale = masa.LossScale(tokens=max(tokens, 1), sequences=max(int(count), 1),
+                           max_response_tokens=cfg.rollout.max_response_tokens)
+    # Responses with advantage 0 add nothing to the loss or its gradient (no KL or entropy term):
+    # they count in the normalizer above but need no forward pass.
+    needed = [s for s in sequences if s.advantage != 0 or cfg.loss.kl_coef or cfg.loss.entropy_coef]
+    sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0}
+    for batch in _same_count(micro_batches(needed, cfg.train.micro_batch_tokens), env):
+        ids, targets, mask, adv = tensors(batch or [_DUMMY], env.device)
+        if not batch:
+            mask.zero_()
+        logprobs, entropy = policy(ids, targets=targets, temperature=temperature)
+        old_logprobs = logprobs.detach()
+        if old is not None and batch:
+            old_logprobs = torch.nn.utils.rnn.pad_sequence([old[id(s)] for s in batch], batch_first=True)
+            old_logprobs = torch.nn.functional.pad(old_logprobs, (0, logprobs.shape[1] - old_logprobs.shape[1]))
+        loss, m = masa.policy_loss(logprobs, old_logprobs, adv, mask, scale, cfg.loss.clip_low, cfg.loss.clip_high,
+                                   cfg.loss.aggregation, entropy=entropy, entropy_coef=cfg.loss.entropy_coef)
+        loss.backward()
+        sums["loss"] += loss.item()
+        for key in ("tokens", "clipped_tokens", "ratio_sum", "entropy_sum"):
+            sums[key] += m[key]
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    loss, seen, clipped, ratio, entropy = all_reduce([sums[k] for k in sums], env)
+    skipped = not (np.isfinite(loss) and np.isfinite(grad_norm))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
+    else:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return {"loss": loss, "grad_norm": grad_norm, "skipped_step": skipped, "lr": scheduler.get_last_lr()[0],
+            "clip_fraction": clipped / max(seen, 1), "ratio_mean": ratio / max(seen, 1),
+            "entropy": entropy / max(seen, 1), "trained_tokens": seen}
+
+
+def behaviour_cloning(cfg: Config, env: Env, policy: Qwen3, optimizer, experts: list) -> float:
+    """One supervised step on expert meta trajectories: mean NLL of the target tokens (prompt masked),
+    at efficient.bc_lr through the same AdamW (its learning rate is set for this step only)."""
+    batch = [Sequence(p, t, 1.0) for p, t in experts]
+    tokens = all_reduce([sum(len(s.response) for s in batch)], env)[0]
+    total = 0.0
+    for part in _same_count(micro_batches(batch, cfg.train.micro_batch_tokens), env):
+        ids, targets, mask, _ = tensors(part or [_DUMMY], env.device)
+        if not part:
+            mask.zero_()
+        logprobs, _ = policy(ids, targets=targets)
+        loss = -(logprobs * mask).sum() / max(tokens, 1)
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = cfg.efficient.bc_lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    return all_reduce([total], env)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(cfg: Config, env: Env, step: int, policy, optimizer, scheduler, actor, tokenizer, extra: dict):
+    """Write checkpoint.dir/step_NNNNNN atomically (temporary directory, then rename), point `latest`
+    at it, and keep the newest checkpoint.keep."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(cfg.checkpoint.dir)
+    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
+    if env.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "state"))
+    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}, tmp / f"rank{env.rank}.pt")
+    if env.main:
+        actor.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    dist.barrier()
+    if env.main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        latest = root / "latest.tmp"
+        latest.write_text(final.name + "\n")
+        os.replace(latest, root / "latest")
+        for old in sorted(root.glob("step_*"))[:-cfg.checkpoint.keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(cfg: Config, env: Env, policy, optimizer, scheduler) -> tuple[int, dict] | None:
+    """Restore the newest complete checkpoint, if any: returns (its step, this rank's extra state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    pointer = Path(cfg.checkpoint.dir) / "latest"
+    if not pointer.is_file():
+        return None
+    directory = Path(cfg.checkpoint.dir) / pointer.read_text().strip()
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory / "state"))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra = torch.load(directory / f"rank{env.rank}.pt", weights_only=False)
+    scheduler.load_state_dict(extra.pop("scheduler"))
+    set_rng_state(extra.pop("rng"))
+    return extra.pop("step"), extra
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: Config):
+    from transformers import AutoTokenizer
+
+    env = setup_distributed()
+    if cfg.train.batch_size % env.world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {env.world} processes")
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
+    policy = build_policy(cfg, env)
+    actor = Qwen3.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=env.device).eval()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    warmup = max(1, cfg.optim.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    start, bc_buffer = 0, []
+    resumed = load_checkpoint(cfg, env, policy, optimizer, scheduler)
+    if resumed:
+        start, extra = resumed
+        bc_buffer = extra.get("bc_buffer", [])
+        refresh_actor(actor, policy)
+    metrics_file = Path(cfg.checkpoint.dir) / "metrics.jsonl"
+    if env.main:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_file, start)  # lines a killed run wrote after its last checkpoint
+    pool = GraderPool()
+    bar = None
+    if env.main and cfg.log.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.total_steps, initial=start, desc=f"{cfg.algorithm}", unit="step")
+    try:
+        for step in range(start, cfg.train.total_steps):
+            t0 = time.perf_counter()
+            data = collect(cfg, step, env, actor, tokenizer, pool, step_problems(problems, cfg, step, env))
+            t1 = time.perf_counter()
+            metrics = update(cfg, env, policy, optimizer, scheduler, data)
+            t2 = time.perf_counter()
+            bc_buffer.extend(data.experts)
+            if cfg.algorithm == "masa_efficient" and cfg.efficient.behaviour_cloning:
+                buffered = all_reduce([len(bc_buffer)], env)[0]
+                if buffered >= cfg.efficient.bc_batch_size:
+                    metrics["bc_loss"] = behaviour_cloning(cfg, env, policy, optimizer, bc_buffer)
+                    bc_buffer = []
+            refresh_actor(actor, policy)
+            t3 = time.perf_counter()
+            record = {"step": step + 1, **_mean_over_ranks(data.metrics, env), **metrics,
+                      "time_rollout_and_grading": t1 - t0, "time_update": t2 - t1, "time_refresh": t3 - t2}
+            if env.main:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if bar:
+                    bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
+                    bar.update(1)
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps:
+                save_checkpoint(cfg, env, step + 1, policy, optimizer, scheduler, actor, tokenizer,
+                                {"bc_buffer": bc_buffer})
+    finally:
+        pool.close()
+        if bar:
+            bar.close()
+
+
+_COUNTS = {"solution_rollouts", "solution_tokens", "meta_tokens", "grader_timeouts"}  # summed, not averaged
+
+
+def _mean_over_ranks(metrics: dict, env: Env) -> dict:
+    """Counts summed over ranks; rates averaged (every rank holds the same number of prompts)."""
+    keys = sorted(metrics)
+    totals = all_reduce([float(metrics[k]) for k in keys], env)
+    return {k: v if k in _COUNTS else v / env.world for k, v in zip(keys, totals)}
+
+
+def _truncate_metrics(file: Path, step: int):
+    if not file.exists():
+        return
+    lines = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    file.write_text("".join(line + "\n" for line in lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train with GRPO / MASA / MASA-efficient.")
+    parser.add_argument("config", help="YAML file in configs/")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
