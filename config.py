@@ -58,6 +58,7 @@ class RolloutConfig:
     top_k: int = -1  # -1 disables top-k
     max_prompt_tokens: int = 2048
     max_response_tokens: int = 8192  # also the length range the meta prompt states
+    slots: int = 0  # sequences decoded at once per process; 0 sizes the KV pool from free GPU memory
 
 
 @dataclass
@@ -229,6 +230,7 @@ _RULES = [
     ("rollout.top_k", lambda v: v == -1 or v >= 1, "-1 (off) or at least 1"),
     ("rollout.max_prompt_tokens", lambda v: v >= 1, "at least 1"),
     ("rollout.max_response_tokens", lambda v: v >= 1, "at least 1"),
+    ("rollout.slots", lambda v: v >= 0, "at least 0 (0: sized from free memory)"),
     ("train.batch_size", lambda v: v >= 1, "at least 1"),
     ("train.total_steps", lambda v: v >= 0, "at least 0"),
     ("train.ppo_epochs", lambda v: v >= 1, "at least 1"),

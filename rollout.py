@@ -110,8 +110,9 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
 
     budgets: optional per-prompt token budgets (early cutoff); a sample that reaches its prompt's
         budget before max_new_tokens and before a stop token ends with finish_reason "cutoff".
-    slots: sequences decoded concurrently (KV-cache rows); default min(all samples, 256). The cache
-        holds slots x (longest prompt + max_new_tokens) positions.
+    slots: sequences decoded concurrently (KV-cache rows). The cache holds slots x (longest prompt +
+        max_new_tokens) positions; by default as many as fit in 60% of the free GPU memory (256 on a
+        CPU), and never more than there are samples.
     sync_every: decode steps between host reads of which slots finished (default 1 on a CPU, where
         reading is free, 16 on a GPU).
     decode_step: optional replacement for `decode`, e.g. torch.compile(rollout.decode).
@@ -130,9 +131,11 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     work = deque((p, j) for p in range(len(prompts)) for j in range(counts[p]))
     if not work:
         return [[] for _ in prompts]
-    S = min(len(work), slots or 256)
     max_new = params.max_new_tokens
-    cache = KVCache(model.config, S, max(len(p) for p in prompts) + max_new, model.embed_tokens.weight.dtype, device)
+    max_len = max(len(p) for p, c in zip(prompts, counts) if c) + max_new
+    dtype = model.embed_tokens.weight.dtype
+    S = min(len(work), slots or _default_slots(model.config, max_len, dtype, device))
+    cache = KVCache(model.config, S, max_len, dtype, device)
     sync_every = sync_every or (16 if device.type == "cuda" else 1)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
@@ -183,8 +186,9 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         budget[idx] = torch.tensor([min(budgets[p] or max_new, max_new) for _, (p, _) in taken], device=device)
         active[idx] = True
         finish[idx] = 0
-        for (s, o), n in zip(taken, lengths):
-            owner[s], host_len[s] = o, n
+        for (s, (p, j)), n in zip(taken, lengths):
+            owner[s], host_len[s] = (p, j), n
+            deadline[s] = steps + min(budgets[p] or max_new, max_new)  # the step by which it must be done
 
     def harvest() -> list[int]:
         """Collect finished slots' rollouts; return the slots now free."""
@@ -203,6 +207,8 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
             bar.update(len(done))
         return [s for s in range(S) if owner[s] is None]
 
+    steps = 0  # decode steps so far
+    deadline = [0] * S
     admit(list(range(S)))
     steps_since_sync = 0
     while any(o is not None for o in owner):
@@ -225,7 +231,9 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
             if owner[s] is not None:
                 host_len[s] = min(host_len[s] + 1, cache.max_len)
         steps_since_sync += 1
-        if steps_since_sync >= sync_every or all(o is None for o in owner):
+        steps += 1
+        must_be_done = all(o is None or steps >= deadline[s] for s, o in enumerate(owner))
+        if steps_since_sync >= sync_every or (must_be_done and not work):
             steps_since_sync = 0
             free = harvest()
             if free and work:
@@ -240,15 +248,18 @@ def decode(model: Qwen3, cache: KVCache, token: torch.Tensor, pos: torch.Tensor,
     return model.logits(hidden[:, 0]).float()
 
 
-def _prefill(model: Qwen3, cache: KVCache, prefixes: dict[int, list[int]]):
-    """Write each prefix's keys/values into its slot (slot -> tokens), in one batched forward."""
-    prefixes = {s: t for s, t in prefixes.items() if t}
-    if not prefixes:
-        return
-    device = cache.k.device
-    T = max(len(t) for t in prefixes.values())
-    batch = torch.tensor([t + [0] * (T - len(t)) for t in prefixes.values()], device=device)  # right-padded
-    model(batch, cache=cache, start=0, rows=list(prefixes), kv_len=T, return_hidden=True)
+def _prefill(model: Qwen3, cache: KVCache, prefixes: dict[int, list[int]], max_tokens: int = 32768):
+    """Write each prefix's keys/values into its slot (slot -> tokens): batched forwards of similar
+    lengths, each within max_tokens padded tokens."""
+    items = sorted(((s, t) for s, t in prefixes.items() if t), key=lambda item: len(item[1]))
+    while items:
+        T = len(items[0][1])
+        batch = []
+        while items and (len(batch) + 1) * max(T, len(items[0][1])) <= max(max_tokens, len(items[0][1])):
+            batch.append(items.pop(0))
+            T = max(T, len(batch[-1][1]))
+        ids = torch.tensor([t + [0] * (T - len(t)) for _, t in batch], device=cache.k.device)  # right-padded
+        model(ids, cache=cache, start=0, rows=[s for s, _ in batch], kv_len=T, return_hidden=True)
 
 
 def _copy_prefixes(cache: KVCache, copies: list[tuple[int, int, int]]):
@@ -257,6 +268,15 @@ def _copy_prefixes(cache: KVCache, copies: list[tuple[int, int, int]]):
         if length:
             cache.k[:, dst, :, :length] = cache.k[:, src, :, :length]
             cache.v[:, dst, :, :length] = cache.v[:, src, :, :length]
+
+
+def _default_slots(config, max_len: int, dtype: torch.dtype, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 256
+    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * max_len * (
+        torch.finfo(dtype).bits // 8)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(0.6 * free) // per_slot)
 
 
 def _round_up(x: int, multiple: int) -> int:

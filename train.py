@@ -172,7 +172,7 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     # Meta rollouts first when their predictions steer the solution path; otherwise both in one call.
     meta_rollouts = None
     if efficient is not None:
-        meta_rollouts = generate(actor, meta_ids, params, seed=seed, counts=[M] * P)
+        meta_rollouts = generate(actor, meta_ids, params, seed=seed, counts=[M] * P, slots=cfg.rollout.slots or None)
     predictions = [[parse_meta(tokenizer.decode(r.token_ids, skip_special_tokens=True), G, max_new) for r in rs]
                    for rs in meta_rollouts] if meta_rollouts else None
     gated, budgets, hints = [False] * P, [None] * P, [None] * P
@@ -193,12 +193,14 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
                          f"data or raise the limit")
     counts = [0 if g else G for g in gated]
     if meta_path and meta_rollouts is None:
-        out = generate(actor, meta_ids + solution_ids, params, seed=seed, counts=[M] * P + counts)
+        out = generate(actor, meta_ids + solution_ids, params, seed=seed, counts=[M] * P + counts,
+                       slots=cfg.rollout.slots or None)
         meta_rollouts, solution_rollouts = out[:P], out[P:]
         predictions = [[parse_meta(tokenizer.decode(r.token_ids, skip_special_tokens=True), G, max_new) for r in rs]
                        for rs in meta_rollouts]
     else:
-        solution_rollouts = generate(actor, solution_ids, params, budgets=budgets, seed=seed + 1, counts=counts)
+        solution_rollouts = generate(actor, solution_ids, params, budgets=budgets, seed=seed + 1, counts=counts,
+                                     slots=cfg.rollout.slots or None)
 
     # Grade solutions: a rollout stopped at its cutoff budget earns 0 whatever it wrote.
     texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in solution_rollouts]

@@ -25,6 +25,9 @@ def backend(device: torch.device) -> str:
         raise ValueError(f"MASA_KERNELS={choice!r}; use one of {', '.join(_CHOICES)}")
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("MASA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                         "first imported (or use MASA_KERNELS=torch)")
     return choice
 
 

@@ -8,7 +8,7 @@ sum `s = sum exp(z - m)` and `c = sum exp(z - m) (z - m)`, all float32, so that
 
 Keeping every term relative to the running max keeps them O(log V) even for logits of 1e4, where
 `log Z - E[z]` would cancel catastrophically. The running max starts at z_y (finite), not at -inf,
-so no -inf - -inf or 0 * -inf ever occurs; masked tail lanes contribute exactly 0.
+so no -inf - -inf occurs; masked tail lanes and -inf logits contribute exactly 0 (never 0 * -inf).
 
 Backward: with p_j = exp(z_j - m - log s), for upstream gradients g (of log p) and h (of H),
 
@@ -53,7 +53,7 @@ def _forward_kernel(logits_ptr, targets_ptr, logprob_ptr, entropy_ptr, max_ptr, 
         d = tl.where(mask, z - m_new, 0.0)
         e = tl.where(mask, tl.exp(d), 0.0)
         # re-base the old sums on the new max: (z - m) = (z - m_new) - shift
-        c = scale * (c + s * shift) + tl.sum(e * d, axis=0)
+        c = scale * (c + s * shift) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)  # a -inf logit: 0, not 0 * -inf
         s = scale * s + tl.sum(e, axis=0)
         m = m_new
     log_s = tl.log(s)
@@ -81,7 +81,7 @@ def _backward_kernel(logits_ptr, grad_ptr, targets_ptr, entropy_ptr, max_ptr, lo
         mask = cols < V
         d = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_temperature - m
         p = tl.exp(d - log_s)
-        grad = g * (tl.where(cols == target, 1.0, 0.0) - p) + h * p * (mean_shift - d)
+        grad = g * (tl.where(cols == target, 1.0, 0.0) - p) + tl.where(p > 0, h * p * (mean_shift - d), 0.0)
         tl.store(out + cols, (grad * inv_temperature).to(out.dtype.element_ty), mask=mask)
 
 
@@ -109,6 +109,27 @@ def _row_grads(logits, targets, stats, grad_logprob, grad_entropy, temperature, 
     return out
 
 
+def _check_targets(targets: torch.Tensor, V: int):
+    """Out-of-range targets would read outside the row (a crash, or silent garbage)."""
+    if targets.numel() == 0:
+        return
+    valid = (targets >= 0) & (targets < V)
+    if targets.is_cuda:
+        torch._assert_async(valid.all(), f"token_logprobs: a target is outside [0, {V})")  # no host sync
+    elif not bool(valid.all()):
+        bad = targets[~valid][0].item()
+        raise IndexError(f"token_logprobs: target {bad} is outside the vocabulary [0, {V}) (ignore indices "
+                         f"such as -100 must be replaced and masked out before this call)")
+
+
+def _refuse_double_backward():
+    # backward(create_graph=True) runs with grad mode on; these kernels have no second derivative,
+    # and silently returning one without its dependence on the input would be wrong.
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fused log-prob kernels support one backward pass, not double backward "
+                           "(use MASA_KERNELS=torch for higher derivatives)")
+
+
 def _upstream(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.reshape(-1).float().contiguous()
 
@@ -116,13 +137,15 @@ def _upstream(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature):
+        _check_targets(targets, logits.shape[1])
         stats = _row_stats(logits, targets, temperature)
         ctx.save_for_backward(logits, targets, stats)
         ctx.temperature = temperature
-        return stats[0], stats[1]
+        return stats[0].clone(), stats[1].clone()  # separate tensors: callers may modify them in place
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
+        _refuse_double_backward()
         logits, targets, stats = ctx.saved_tensors
         grad = _row_grads(logits, targets, stats, _upstream(grad_logprob, stats[0]),
                           _upstream(grad_entropy, stats[0]), ctx.temperature, torch.empty_like(logits))
@@ -160,6 +183,7 @@ def _chunk_size(V: int) -> int:
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk):
+        _check_targets(targets, weight.shape[0])
         N = hidden.shape[0]
         stats = torch.empty(4, N, dtype=torch.float32, device=hidden.device)
         for i in range(0, N, chunk):
@@ -167,10 +191,11 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             stats[:, i:i + chunk] = _row_stats(logits, targets[i:i + chunk], temperature)
         ctx.save_for_backward(hidden, weight, targets, stats)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return stats[0], stats[1]
+        return stats[0].clone(), stats[1].clone()
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
+        _refuse_double_backward()
         hidden, weight, targets, stats = ctx.saved_tensors
         g, h = _upstream(grad_logprob, stats[0]), _upstream(grad_entropy, stats[0])
         grad_hidden = torch.empty_like(hidden)

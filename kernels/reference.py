@@ -17,7 +17,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # float32, or float64 if given
     logp = torch.log_softmax(z, dim=-1)  # [..., V]
     picked = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # [...]
-    entropy = -(logp.exp() * logp).sum(-1)  # [...]
+    # a -inf logit (p = 0) adds 0 to the entropy, not 0 * -inf, in value and in gradient
+    entropy = -(logp.exp() * torch.where(logp > -torch.inf, logp, 0)).sum(-1)  # [...]
     return picked, entropy
 
 

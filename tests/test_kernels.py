@@ -208,3 +208,34 @@ def test_benchmark_script_runs_on_the_cpu():
                           "--iters", "1", "--no-compile"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "| logits | ours (Triton) |" in out.stdout and "| linear | ours (chunked + Triton) |" in out.stdout
+
+
+def test_out_of_range_targets_are_refused():
+    logits = torch.randn(2, 50)
+    for bad in (50, -1, -100):
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            logprobs.token_logprobs(logits, torch.tensor([0, bad]))
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        logprobs.linear_token_logprobs(torch.randn(2, 4), torch.randn(50, 4), torch.tensor([3, 50]))
+
+
+def test_minus_infinity_logits_give_finite_results_and_gradients():
+    logits = torch.randn(3, 300)
+    logits[0, 7] = -float("inf")  # a banned token
+    targets = torch.tensor([1, 2, 3])
+    results = []
+    for fn in (logprobs.token_logprobs, reference.token_logprobs):
+        x = logits.clone().requires_grad_()
+        lp, ent = fn(x, targets)
+        (lp.sum() + ent.sum()).backward()
+        results.append((lp, ent, x.grad))
+    for ours, ref in zip(*results):
+        assert torch.isfinite(ours).all() and torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_outputs_can_be_modified_in_place_and_double_backward_is_refused():
+    x = torch.randn(2, 40, requires_grad=True)
+    lp, ent = logprobs.token_logprobs(x, torch.tensor([1, 2]))
+    lp.masked_fill_(torch.tensor([True, False]), 0.0)  # separate tensors, as the reference returns
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lp.sum() + ent.sum(), x, create_graph=True)

@@ -213,3 +213,17 @@ def test_per_prompt_sample_counts(pair):
     assert [len(rs) for rs in out] == [3, 0, 1, 2]
     assert [r.token_ids for r in out[3]] == [hf_greedy(hf, PROMPTS[3], 6)] * 2
     assert generate(model, PROMPTS[:1], SamplingParams(), counts=[0]) == [[]]
+
+
+def test_no_decode_step_is_wasted_once_every_sequence_must_be_done(pair):
+    import rollout
+
+    _, model = pair
+    calls = []
+
+    def counting_step(*args):
+        calls.append(1)
+        return rollout.decode(*args)
+
+    generate(model, PROMPTS, SamplingParams(n=2, max_new_tokens=2), sync_every=16, decode_step=counting_step)
+    assert len(calls) == 2
