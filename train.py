@@ -168,6 +168,7 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     P = len(problems)
     meta_ids = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], cfg.prompt.meta, G, max_new)) for p in problems]
     data, m = StepData(), {}
+    started = time.perf_counter()
 
     # Meta rollouts first when their predictions steer the solution path; otherwise both in one call.
     meta_rollouts = None
@@ -202,6 +203,8 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
         solution_rollouts = generate(actor, solution_ids, params, budgets=budgets, seed=seed + 1, counts=counts,
                                      slots=cfg.rollout.slots or None)
 
+    generated = time.perf_counter()
+
     # Grade solutions: a rollout stopped at its cutoff budget earns 0 whatever it wrote.
     texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in solution_rollouts]
     flat = [(t, p["answer"]) for ts, p in zip(texts, problems) for t in ts]
@@ -210,6 +213,9 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     for rs in solution_rollouts:
         correct.append([bool(grades.correct[k + j]) and r.finish_reason != "cutoff" for j, r in enumerate(rs)])
         k += len(rs)
+    m["time_rollout"], m["time_grading"] = generated - started, time.perf_counter() - generated
+    if efficient is not None and step % efficient.audit_every == 0:
+        m.update(audit(cfg, actor, tokenizer, pool, params, seed, problems, solution_ids, gated, solution_rollouts))
 
     rewards = torch.tensor([float(c) for cs in correct for c in cs])
     advantages = masa.group_advantages(rewards, G).tolist() if len(rewards) else []
@@ -261,6 +267,53 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
         m["meta_tokens"] = sum(len(r.token_ids) for rs in meta_rollouts for r in rs)
     data.metrics = m
     return data
+
+
+def audit(cfg: Config, actor, tokenizer, pool, params, seed, problems, solution_ids, gated, solution_rollouts) -> dict:
+    """Gating and cutoff are predictions: run what they skipped (outside the loss) and measure them.
+    Gated prompts get their G solution rollouts after all (were they really all-right or all-wrong?);
+    cut rollouts are continued to max_response_tokens (would they have ended wrong?)."""
+    G, max_new = cfg.rollout.group_size, cfg.rollout.max_response_tokens
+    out = {"audit_gated": sum(gated), "audit_cut": 0}
+    skipped = [i for i, g in enumerate(gated) if g]
+    zero_variance = []
+    if skipped:
+        rollouts = generate(actor, [solution_ids[i] for i in skipped], params, seed=seed + 2, counts=[G] * len(skipped))
+        for i, rs in zip(skipped, rollouts):
+            texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs]
+            verdicts = grade_batch(texts, [problems[i]["answer"]] * len(texts), pool).correct
+            zero_variance.append(len(set(verdicts)) == 1)
+    cut = [(i, r) for i, rs in enumerate(solution_rollouts) for r in rs if r.finish_reason == "cutoff"]
+    continued_correct = []
+    if cut:
+        prompts = [solution_ids[i] + r.token_ids for i, r in cut]
+        rest = [max_new - len(r.token_ids) for _, r in cut]
+        continuations = generate(actor, prompts, params, budgets=rest, seed=seed + 3, counts=[1] * len(cut))
+        texts = [tokenizer.decode(r.token_ids + c[0].token_ids, skip_special_tokens=True)
+                 for (_, r), c in zip(cut, continuations)]
+        continued_correct = grade_batch(texts, [problems[i]["answer"] for i, _ in cut], pool).correct
+        out["audit_cut"] = len(cut)
+    # Counts, summed over ranks before the precisions (masa.gating_precision, masa.cutoff_precision)
+    # are taken in train().
+    out["audit_gated_zero_variance"] = sum(zero_variance)
+    out["audit_cut_wrong"] = sum(not c for c in continued_correct)
+    return out
+
+
+def validate(cfg: Config, env: Env, actor, tokenizer, pool, problems: list[dict]) -> float:
+    """Accuracy of the solution path on held-out problems: `validation.samples` responses per problem
+    at validation.temperature (0: greedy) and top_p; problems are split across ranks."""
+    mine = problems[env.rank::env.world]
+    params = SamplingParams(n=cfg.validation.samples, temperature=cfg.validation.temperature,
+                            top_p=cfg.validation.top_p, max_new_tokens=cfg.rollout.max_response_tokens,
+                            stop_token_ids=stop_token_ids(tokenizer))
+    ids = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], cfg.prompt.solution)) for p in mine]
+    rollouts = generate(actor, ids, params, seed=cfg.train.seed, slots=cfg.rollout.slots or None) if ids else []
+    texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for rs in rollouts for r in rs]
+    answers = [p["answer"] for p in mine for _ in range(cfg.validation.samples)]
+    correct = sum(grade_batch(texts, answers, pool).correct) if texts else 0
+    right, total = all_reduce([correct, len(texts)], env)
+    return right / total if total else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,6 +390,7 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     # they count in the normalizer above but need no forward pass.
     needed = [s for s in sequences if s.advantage != 0 or cfg.loss.kl_coef or cfg.loss.entropy_coef]
     sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0}
+    started = time.perf_counter()
     for batch in _same_count(micro_batches(needed, cfg.train.micro_batch_tokens), env):
         ids, targets, mask, adv = tensors(batch or [_DUMMY], env.device)
         if not batch:
@@ -352,6 +406,7 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
         sums["loss"] += loss.item()
         for key in ("tokens", "clipped_tokens", "ratio_sum", "entropy_sum"):
             sums[key] += m[key]
+    backward_done = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss, seen, clipped, ratio, entropy = all_reduce([sums[k] for k in sums], env)
@@ -364,7 +419,8 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     scheduler.step()
     return {"loss": loss, "grad_norm": grad_norm, "skipped_step": skipped, "lr": scheduler.get_last_lr()[0],
             "clip_fraction": clipped / max(seen, 1), "ratio_mean": ratio / max(seen, 1),
-            "entropy": entropy / max(seen, 1), "trained_tokens": seen}
+            "entropy": entropy / max(seen, 1), "trained_tokens": seen,
+            "time_logprobs_backward": backward_done - started, "time_optimizer": time.perf_counter() - backward_done}
 
 
 def behaviour_cloning(cfg: Config, env: Env, policy: Qwen3, optimizer, experts: list) -> float:
@@ -492,6 +548,17 @@ def train(cfg: Config):
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_file, start)  # lines a killed run wrote after its last checkpoint
     pool = GraderPool()
+    val_problems = None
+    if cfg.validation.path:
+        val_problems = load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
+    wandb_run = None
+    if cfg.log.wandb and env.main:
+        try:
+            import wandb
+
+            wandb_run = wandb.init(project=cfg.log.wandb_project, config=to_dict(cfg), resume="allow")
+        except ImportError:
+            print("log.wandb is set but wandb is not installed (pip install wandb); logging to metrics.jsonl only")
     bar = None
     if env.main and cfg.log.progress_bar:
         from tqdm import tqdm
@@ -499,9 +566,7 @@ def train(cfg: Config):
         bar = tqdm(total=cfg.train.total_steps, initial=start, desc=f"{cfg.algorithm}", unit="step")
     try:
         for step in range(start, cfg.train.total_steps):
-            t0 = time.perf_counter()
             data = collect(cfg, step, env, actor, tokenizer, pool, step_problems(problems, cfg, step, env))
-            t1 = time.perf_counter()
             metrics = update(cfg, env, policy, optimizer, scheduler, data)
             t2 = time.perf_counter()
             bc_buffer.extend(data.experts)
@@ -512,8 +577,14 @@ def train(cfg: Config):
                     bc_buffer = []
             refresh_actor(actor, policy)
             t3 = time.perf_counter()
-            record = {"step": step + 1, **_mean_over_ranks(data.metrics, env), **metrics,
-                      "time_rollout_and_grading": t1 - t0, "time_update": t2 - t1, "time_refresh": t3 - t2}
+            record = {"step": step + 1, **_mean_over_ranks(data.metrics, env), **metrics, "time_refresh": t3 - t2}
+            if "audit_gated" in record:  # the fraction of gated prompts / cut rollouts the audit confirmed
+                record["gating_precision"] = _ratio(record["audit_gated_zero_variance"], record["audit_gated"])
+                record["cutoff_precision"] = _ratio(record["audit_cut_wrong"], record["audit_cut"])
+            if val_problems and (step + 1) % cfg.validation.every == 0:
+                record["val_accuracy"] = validate(cfg, env, actor, tokenizer, pool, val_problems)
+            if wandb_run:
+                wandb_run.log(record, step=step + 1)
             if env.main:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -527,9 +598,16 @@ def train(cfg: Config):
         pool.close()
         if bar:
             bar.close()
+        if wandb_run:
+            wandb_run.finish()
 
 
-_COUNTS = {"solution_rollouts", "solution_tokens", "meta_tokens", "grader_timeouts"}  # summed, not averaged
+_COUNTS = {"solution_rollouts", "solution_tokens", "meta_tokens", "grader_timeouts", "audit_gated",
+           "audit_gated_zero_variance", "audit_cut", "audit_cut_wrong"}  # summed over ranks, not averaged
+
+
+def _ratio(hits: float, total: float) -> float:
+    return hits / total if total else float("nan")
 
 
 def _mean_over_ranks(metrics: dict, env: Env) -> dict:

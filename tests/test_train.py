@@ -58,8 +58,12 @@ def without_timing(record: dict) -> dict:
 def test_each_algorithm_runs_and_writes_a_checkpoint_transformers_loads(assets, tmp_path, algorithm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    records = run(assets, tmp_path / "run", f"algorithm={algorithm}")
+    records = run(assets, tmp_path / "run", f"algorithm={algorithm}", f"validation.path={assets / 'problems.jsonl'}",
+                  "validation.every=2", "validation.temperature=0")
     assert [r["step"] for r in records] == [1, 2]
+    assert "val_accuracy" not in records[0] and records[1]["val_accuracy"] == 0.0  # a random model
+    for key in ("time_rollout", "time_grading", "time_logprobs_backward", "time_optimizer"):
+        assert all(r[key] >= 0 for r in records)
     assert all(r["solution_rollouts"] == 8 for r in records)  # 2 prompts x G = 4
     if algorithm != "grpo":
         assert all("meta_reward" in r and "pass_rate_mae" in r for r in records)
@@ -109,3 +113,91 @@ def test_two_processes_make_the_same_update_as_one(assets, tmp_path):
     assert moved > 1e-5
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert (x - y).abs().max() <= 1e-6, name
+
+
+def test_a_killed_run_resumes_to_the_same_result(assets, tmp_path):
+    import signal
+    import time
+
+    settings = ["algorithm=masa_efficient", "train.total_steps=3"]
+    full = run(assets, tmp_path / "full", *settings)
+    args = [str(CONFIG), f"model.path={assets / 'model'}", f"data.train_path={assets / 'problems.jsonl'}",
+            f"checkpoint.dir={tmp_path / 'killed'}", *settings, "train.total_steps=50"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "killed" / "latest"
+    deadline = time.monotonic() + 300
+    while not (pointer.exists() and pointer.read_text().strip() >= "step_000002"):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # somewhere in step 3 or later: rollouts, update or a checkpoint
+    process.wait()
+    resumed = run(assets, tmp_path / "killed", *settings)
+    assert [without_timing(r) for r in resumed] == [without_timing(r) for r in full]
+    a = Qwen3.from_pretrained(tmp_path / "full" / "step_000003" / "model")
+    b = Qwen3.from_pretrained(tmp_path / "killed" / "step_000003" / "model")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    import train
+
+    env = train.setup_distributed()
+    yield env
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(assets, tmp_path, one_process_group):
+    import train
+    from config import load_config
+
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}"])
+    policy = train.build_policy(cfg, one_process_group)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    before = {n: p.full_tensor().clone() for n, p in policy.named_parameters()}
+    bad = [train.Sequence([1, 2, 3], [4, 5], float("nan")), train.Sequence([1, 2], [6], 1.0)]
+    metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, train.StepData(bad))
+    assert metrics["skipped_step"] is True
+    assert all(torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
+    good = [train.Sequence([1, 2, 3], [4, 5], -1.0), train.Sequence([1, 2], [6], 1.0)]
+    metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, train.StepData(good))
+    assert metrics["skipped_step"] is False
+    assert any(not torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
+
+
+def test_behaviour_cloning_lowers_the_nll_of_the_expert_target(assets, one_process_group):
+    import train
+    from config import load_config
+
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "efficient.bc_lr=0.01"])
+    policy = train.build_policy(cfg, one_process_group)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    experts = [([1, 5, 9], [20, 21, 22, 23]), ([1, 7], [30, 31])]
+    losses = [train.behaviour_cloning(cfg, one_process_group, policy, optimizer, experts) for _ in range(3)]
+    assert losses[2] < losses[0]
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-6]  # restored after each BC step
+
+
+def test_the_audit_reruns_what_gating_and_cutoff_skipped(assets):
+    import train
+    from config import load_config
+    from rewards import GraderPool
+    from rollout import Rollout, SamplingParams
+    from transformers import AutoTokenizer
+
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "rollout.max_response_tokens=8"])
+    actor = Qwen3.from_pretrained(assets / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    problems = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]
+    ids = [train.chat_ids(tokenizer, p["problem"]) for p in problems]
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=train.stop_token_ids(tokenizer))
+    cut = Rollout([40, 41, 42], [-1.0] * 3, "cutoff")
+    with GraderPool(workers=1) as pool:
+        out = train.audit(cfg, actor, tokenizer, pool, params, 0, problems, ids, [True, False], [[], [cut]])
+    # a random model answers nothing correctly: the gated prompt really was all-wrong (zero variance),
+    # and the cut rollout would have ended wrong
+    assert out == {"audit_gated": 1, "audit_cut": 1, "audit_gated_zero_variance": 1, "audit_cut_wrong": 1}
