@@ -225,6 +225,7 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
             data.sequences.append(Sequence(prompt, r.token_ids, advantages[k]))
             k += 1
     m["reward"] = rewards.mean().item() if len(rewards) else float("nan")
+    m["accuracy"] = sum(grades.correct) / len(grades.correct) if grades else float("nan")  # cut-off ones included
     m["solution_tokens"] = sum(len(r.token_ids) for rs in solution_rollouts for r in rs)
     m["solution_rollouts"] = len(rewards)
     m["cutoff_fraction"] = (sum(r.finish_reason == "cutoff" for rs in solution_rollouts for r in rs)
@@ -352,8 +353,10 @@ def all_reduce(values: list[float], env: Env, op=dist.ReduceOp.SUM) -> list[floa
     return t.tolist()
 
 
-def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, data: StepData) -> dict:
-    """Step 4: one optimizer step per mini-batch per PPO epoch (1 x 1 in the paper)."""
+def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, data: StepData,
+           reference: Qwen3 | None = None) -> dict:
+    """Step 4: one optimizer step per mini-batch per PPO epoch (1 x 1 in the paper). `reference` is
+    the frozen initial policy, needed only for a KL term (loss.kl_coef > 0)."""
     temperature = cfg.rollout.temperature or 1.0
     sequences = data.sequences
     old = None
@@ -369,7 +372,7 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, data: Ste
     for _ in range(cfg.train.ppo_epochs):
         parts = [sequences[i::cfg.train.mini_batches] for i in range(cfg.train.mini_batches)]
         for part in parts:
-            metrics = _optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature)
+            metrics = _optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature, reference)
     return metrics
 
 
@@ -382,14 +385,14 @@ def _same_count(batches: list, env: Env) -> list:
     return batches + [[] for _ in range(most - len(batches))]
 
 
-def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temperature) -> dict:
+def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temperature, reference) -> dict:
     tokens, count = all_reduce([sum(len(s.response) for s in sequences), len(sequences)], env)
     scale = masa.LossScale(tokens=max(tokens, 1), sequences=max(int(count), 1),
                            max_response_tokens=cfg.rollout.max_response_tokens)
     # Responses with advantage 0 add nothing to the loss or its gradient (no KL or entropy term):
     # they count in the normalizer above but need no forward pass.
     needed = [s for s in sequences if s.advantage != 0 or cfg.loss.kl_coef or cfg.loss.entropy_coef]
-    sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0}
+    sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0, "kl_sum": 0.0}
     started = time.perf_counter()
     for batch in _same_count(micro_batches(needed, cfg.train.micro_batch_tokens), env):
         ids, targets, mask, adv = tensors(batch or [_DUMMY], env.device)
@@ -400,16 +403,21 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
         if old is not None and batch:
             old_logprobs = torch.nn.utils.rnn.pad_sequence([old[id(s)] for s in batch], batch_first=True)
             old_logprobs = torch.nn.functional.pad(old_logprobs, (0, logprobs.shape[1] - old_logprobs.shape[1]))
+        ref_logprobs = None
+        if cfg.loss.kl_coef:
+            with torch.no_grad():
+                ref_logprobs, _ = reference(ids, targets=targets, temperature=temperature)
         loss, m = masa.policy_loss(logprobs, old_logprobs, adv, mask, scale, cfg.loss.clip_low, cfg.loss.clip_high,
-                                   cfg.loss.aggregation, entropy=entropy, entropy_coef=cfg.loss.entropy_coef)
+                                   cfg.loss.aggregation, ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef,
+                                   entropy=entropy, entropy_coef=cfg.loss.entropy_coef)
         loss.backward()
         sums["loss"] += loss.item()
-        for key in ("tokens", "clipped_tokens", "ratio_sum", "entropy_sum"):
+        for key in ("tokens", "clipped_tokens", "ratio_sum", "entropy_sum", "kl_sum"):
             sums[key] += m[key]
     backward_done = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    loss, seen, clipped, ratio, entropy = all_reduce([sums[k] for k in sums], env)
+    loss, seen, clipped, ratio, entropy, kl = all_reduce([sums[k] for k in sums], env)
     skipped = not (np.isfinite(loss) and np.isfinite(grad_norm))
     if skipped:
         optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
@@ -419,7 +427,7 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     scheduler.step()
     return {"loss": loss, "grad_norm": grad_norm, "skipped_step": skipped, "lr": scheduler.get_last_lr()[0],
             "clip_fraction": clipped / max(seen, 1), "ratio_mean": ratio / max(seen, 1),
-            "entropy": entropy / max(seen, 1), "trained_tokens": seen,
+            "entropy": entropy / max(seen, 1), "kl": kl / max(seen, 1), "trained_tokens": seen,
             "time_logprobs_backward": backward_done - started, "time_optimizer": time.perf_counter() - backward_done}
 
 
@@ -533,6 +541,10 @@ def train(cfg: Config):
     problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
     policy = build_policy(cfg, env)
     actor = Qwen3.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=env.device).eval()
+    reference = None  # the frozen initial policy, for the KL term only (another bf16 copy of the weights)
+    if cfg.loss.kl_coef:
+        reference = Qwen3.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=env.device)
+        reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     warmup = max(1, cfg.optim.warmup_steps)
@@ -567,7 +579,7 @@ def train(cfg: Config):
     try:
         for step in range(start, cfg.train.total_steps):
             data = collect(cfg, step, env, actor, tokenizer, pool, step_problems(problems, cfg, step, env))
-            metrics = update(cfg, env, policy, optimizer, scheduler, data)
+            metrics = update(cfg, env, policy, optimizer, scheduler, data, reference)
             t2 = time.perf_counter()
             bc_buffer.extend(data.experts)
             if cfg.algorithm == "masa_efficient" and cfg.efficient.behaviour_cloning:
@@ -593,7 +605,7 @@ def train(cfg: Config):
                     bar.update(1)
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps:
                 save_checkpoint(cfg, env, step + 1, policy, optimizer, scheduler, actor, tokenizer,
-                                {"bc_buffer": bc_buffer})
+                                {"bc_buffer": bc_buffer, "data_position": (step + 1) * cfg.train.batch_size})
     finally:
         pool.close()
         if bar:

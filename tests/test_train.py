@@ -54,6 +54,12 @@ def without_timing(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("time_")}
 
 
+def test_a_kl_term_to_the_initial_policy_is_logged(assets, tmp_path):
+    records = run(assets, tmp_path / "run", "algorithm=grpo", "loss.kl_coef=0.1", "train.total_steps=2")
+    assert records[0]["kl"] == 0.0  # the policy is still the reference
+    assert records[1]["kl"] > 0.0  # one step later it is not
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "masa", "masa_efficient"])
 def test_each_algorithm_runs_and_writes_a_checkpoint_transformers_loads(assets, tmp_path, algorithm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
