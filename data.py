@@ -10,7 +10,10 @@ returned as a dict with "problem" and "answer" (strings) plus whatever else the 
 tokens and chat template, saved so that transformers.AutoTokenizer loads it exactly like a real
 model's tokenizer: tests and the CPU demo run the same tokenization code as a Qwen3 run.
 
-Not here yet: benchmark loaders and the synthetic CPU task (later issues).
+`chat_ids` and `stop_token_ids` are the two places where token ids meet text for the model: the
+trainer and the evaluation build prompts and stop conditions the same way.
+
+Not here yet: the synthetic CPU task (a later issue).
 """
 
 from __future__ import annotations
@@ -72,3 +75,21 @@ def build_char_tokenizer(path: str | Path, characters: str | None = None):
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of one user message wrapped in the tokenizer's chat template, ready for the answer."""
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(out if isinstance(out, list) else out["input_ids"])
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """End of text and end of turn: a response stops at either (Qwen3 base models end with the first,
+    chat-formatted answers with the second)."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return tuple(sorted(i for i in ids if i is not None))

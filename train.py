@@ -43,7 +43,7 @@ import yaml
 
 import masa
 from config import Config, load_config, to_dict
-from data import load_problems
+from data import chat_ids, load_problems, stop_token_ids
 from model import Qwen3
 from rewards import GraderPool, Outcome, grade_batch, meta_reward, parse_meta
 from rollout import SamplingParams, generate
@@ -106,21 +106,6 @@ def refresh_actor(actor: Qwen3, policy: Qwen3):
     for name, p in policy.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         actor_params[name].copy_(full)
-
-
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(i, int) and i != tokenizer.unk_token_id:
-            ids.add(i)
-    return tuple(sorted(i for i in ids if i is not None))
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(out["input_ids"] if not isinstance(out, list) else out)
 
 
 # ---------------------------------------------------------------------------------------------------

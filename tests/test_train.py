@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import build_char_tokenizer
+from data import build_char_tokenizer, chat_ids, stop_token_ids
 from model import PRESETS, Qwen3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,8 +199,8 @@ def test_the_audit_reruns_what_gating_and_cutoff_skipped(assets):
     actor = Qwen3.from_pretrained(assets / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(assets / "model")
     problems = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]
-    ids = [train.chat_ids(tokenizer, p["problem"]) for p in problems]
-    params = SamplingParams(max_new_tokens=8, stop_token_ids=train.stop_token_ids(tokenizer))
+    ids = [chat_ids(tokenizer, p["problem"]) for p in problems]
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=stop_token_ids(tokenizer))
     cut = Rollout([40, 41, 42], [-1.0] * 3, "cutoff")
     with GraderPool(workers=1) as pool:
         out = train.audit(cfg, actor, tokenizer, pool, params, 0, problems, ids, [True, False], [[], [cut]])

@@ -1,0 +1,273 @@
+"""Benchmark evaluation: pass@k with its standard error, and how well the model predicts its own
+pass rate and solution length (the paper's meta-awareness measurements, its Figure 1).
+
+    python eval.py --model runs/qwen3_8b_masa/step_000314/model --benchmarks aime24,aime25,amc23 \\
+        --n 32 --temperature 0.6 --top-p 1.0 --max-new-tokens 16384 [--meta] [--out results/]
+    torchrun --nproc_per_node 8 eval.py --samples 32 ...   # ranks split the problems; results gathered
+                                                          # (torchrun takes --n for its own --nnodes)
+
+A benchmark is a name looked up as <data-dir>/<name>.jsonl (default ../shared/data/bench when it
+exists, else data/bench) or a path to a JSONL/parquet file with "problem" and "answer" fields.
+For every benchmark it prints and writes (to --out): pass@1 (the mean over the n samples), pass@k
+by the unbiased estimator, the standard error of pass@1 across problems, the mean response length
+and the fraction of responses with no \\boxed{} answer; `samples.json` holds every response with
+its extracted answer and grade. With --meta it also draws --meta-n predictions per problem from the
+meta prompt (config.py's template, stating the group size n and the response budget) and reports
+the calibration of the predicted pass rate (mean absolute error and Spearman correlation against
+the empirical one), the fraction of predicted lengths inside [min, max] of the correct responses'
+lengths, the notion score (rewards.meta_reward's notion part), the parse-failure rate, and scatter
+plots (PNG, when matplotlib is installed). Results depend only on --seed and the number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import masa
+from config import Config
+from data import chat_ids, load_problems, stop_token_ids
+from model import Qwen3
+from rewards import GraderPool, Outcome, extract_answer, grade_batch, meta_reward, parse_meta
+from rollout import SamplingParams, generate
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
+    1 - C(n - c, k) / C(n, k), as a product so that large n cannot overflow."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank); nan when either side is constant."""
+    def ranks(values):
+        values = np.asarray(values, dtype=float)
+        order = values.argsort(kind="stable")
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values), dtype=float)
+        for v in np.unique(values):  # average the ranks of ties
+            r[values == v] = r[values == v].mean()
+        return r
+
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# One benchmark
+
+
+def sample_problems(model, tokenizer, problems, args, pool, seed) -> list[dict]:
+    """Responses (and with --meta, predictions) for `problems`, graded: one record per problem."""
+    template = Config().prompt
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
+    prompts = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], template.solution)) for p in problems]
+    rollouts = generate(model, prompts, params, seed=seed, progress=args.progress) if prompts else []
+    texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in rollouts]
+    grades = grade_batch([t for ts in texts for t in ts], [p["answer"] for p in problems for _ in range(args.n)],
+                         pool) if prompts else None
+    records = []
+    for i, (problem, rs, ts) in enumerate(zip(problems, rollouts, texts)):
+        correct = grades.correct[i * args.n:(i + 1) * args.n]
+        records.append({"id": problem.get("id", i), "answer": problem["answer"], "responses": [
+            {"text": t, "extracted": extract_answer(t), "correct": c, "length": len(r.token_ids),
+             "finish_reason": r.finish_reason} for t, r, c in zip(ts, rs, correct)]})
+    if args.meta and prompts:
+        meta_params = SamplingParams(n=args.meta_n, temperature=args.temperature, top_p=args.top_p,
+                                     max_new_tokens=args.meta_max_new_tokens, stop_token_ids=params.stop_token_ids)
+        meta_prompts = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], template.meta, args.n, args.max_new_tokens))
+                        for p in problems]
+        meta_rollouts = generate(model, meta_prompts, meta_params, seed=seed + 1, progress=args.progress)
+        for problem, record, rs in zip(problems, records, meta_rollouts):
+            outcomes = [Outcome(r["correct"], r["length"], r["text"]) for r in record["responses"]]
+            record["meta"] = []
+            for r in rs:
+                text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
+                prediction = parse_meta(text, args.n, args.max_new_tokens)
+                record["meta"].append({
+                    "text": text, "pass_rate": prediction.pass_rate if prediction else None,
+                    "solution_length": prediction.solution_length if prediction else None,
+                    "notions": prediction.notions if prediction else None,
+                    "reward": meta_reward(prediction, outcomes, problem["problem"], args.n)})
+    return records
+
+
+def summarize(records: list[dict], n: int, ks: list[int], meta: bool) -> dict:
+    """Benchmark metrics from graded records (nothing here looks at the model)."""
+    counts = [sum(r["correct"] for r in rec["responses"]) for rec in records]
+    rates = [c / n for c in counts]
+    responses = [r for rec in records for r in rec["responses"]]
+    out = {"problems": len(records), "n": n, "pass@1": float(np.mean(rates)),
+           "pass@1_stderr": float(np.std(rates, ddof=1) / math.sqrt(len(rates))) if len(rates) > 1 else float("nan")}
+    for k in ks:
+        if k != 1:
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in counts]))
+    out["mean_length"] = float(np.mean([r["length"] for r in responses]))
+    out["no_box"] = float(np.mean([r["extracted"] is None for r in responses]))
+    if meta:
+        predicted, empirical, inside, notions, failures, total = [], [], [], [], 0, 0
+        for rec, rate in zip(records, rates):
+            valid = [m["pass_rate"] / n for m in rec["meta"] if m["pass_rate"] is not None]
+            if valid:
+                predicted.append(float(np.mean(valid)))
+                empirical.append(rate)
+            correct_lengths = [r["length"] for r in rec["responses"] if r["correct"]]
+            for m in rec["meta"]:
+                total += 1
+                failures += m["notions"] is None
+                if m["notions"] is not None:
+                    notions.append(m["reward"]["notion"])
+                if m["solution_length"] is not None and correct_lengths:
+                    inside.append(min(correct_lengths) <= m["solution_length"] <= max(correct_lengths))
+        out["meta_pass_rate_mae"] = float(np.mean(np.abs(np.subtract(predicted, empirical)))) if predicted \
+            else float("nan")
+        out["meta_pass_rate_spearman"] = spearman(predicted, empirical)
+        out["meta_length_inside"] = float(np.mean(inside)) if inside else float("nan")
+        out["meta_notion_score"] = float(np.mean(notions)) if notions else float("nan")
+        out["meta_parse_failures"] = failures / total if total else float("nan")
+    return out
+
+
+def markdown(results: dict[str, dict], ks: list[int], meta: bool) -> str:
+    head = ["benchmark", "problems", "n", "pass@1", "± s.e."] + [f"pass@{k}" for k in ks if k != 1] + [
+        "mean length", "no box"]
+    if meta:
+        head += ["pass-rate MAE", "Spearman", "length inside", "notion", "parse failures"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results.items():
+        row = [name, str(m["problems"]), str(m["n"]), f"{100 * m['pass@1']:.2f}", f"{100 * m['pass@1_stderr']:.2f}"]
+        row += [f"{100 * m[f'pass@{k}']:.2f}" for k in ks if k != 1]
+        row += [f"{m['mean_length']:.0f}", f"{100 * m['no_box']:.1f}%"]
+        if meta:
+            row += [f"{m['meta_pass_rate_mae']:.3f}", f"{m['meta_pass_rate_spearman']:.3f}",
+                    f"{100 * m['meta_length_inside']:.1f}%", f"{m['meta_notion_score']:.3f}",
+                    f"{100 * m['meta_parse_failures']:.1f}%"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_calibration(name: str, records: list[dict], n: int, out: Path):
+    """Predicted vs empirical pass rate and predicted vs correct length, one PNG per benchmark."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no calibration plots (pip install matplotlib)")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for rec in records:
+        rate = sum(r["correct"] for r in rec["responses"]) / n
+        correct_lengths = [r["length"] for r in rec["responses"] if r["correct"]]
+        for m in rec["meta"]:
+            if m["pass_rate"] is not None:
+                left.scatter(rate, m["pass_rate"] / n, s=8, alpha=0.4, color="tab:blue")
+            if m["solution_length"] is not None and correct_lengths:
+                right.scatter(np.mean(correct_lengths), m["solution_length"], s=8, alpha=0.4, color="tab:orange")
+    left.plot([0, 1], [0, 1], "k--", lw=1)
+    left.set(xlabel="empirical pass rate", ylabel="predicted pass rate", title=f"{name}: pass rate")
+    right.set(xlabel="mean length of correct responses (tokens)", ylabel="predicted length",
+              title=f"{name}: solution length")
+    lim = right.get_xlim()[1], right.get_ylim()[1]
+    right.plot([0, max(lim)], [0, max(lim)], "k--", lw=1)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_calibration.png", dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def benchmark_file(name: str, data_dir: Path) -> Path:
+    path = Path(name)
+    if path.suffix in (".jsonl", ".parquet"):
+        return path
+    return data_dir / f"{name}.jsonl"
+
+
+def default_data_dir() -> Path:
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "bench"
+    return shared if shared.is_dir() else Path("data/bench")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on math benchmarks (pass@k, meta-awareness).")
+    parser.add_argument("--model", required=True, help="checkpoint directory (model and tokenizer) or hub id")
+    parser.add_argument("--benchmarks", required=True, help="comma-separated names or JSONL/parquet paths")
+    parser.add_argument("--data-dir", type=Path, default=None, help="where <name>.jsonl files live")
+    # --samples is the same option under a name torchrun's own parser does not mistake for its --nnodes
+    parser.add_argument("--n", "--samples", dest="n", type=int, default=32, help="samples per problem")
+    parser.add_argument("--k", default="1", help="comma-separated k for pass@k (each <= n)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=16384)
+    parser.add_argument("--meta", action="store_true", help="also measure meta-prediction calibration")
+    parser.add_argument("--meta-n", type=int, default=16, help="meta predictions per problem")
+    parser.add_argument("--meta-max-new-tokens", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("eval_results"))
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    ks = sorted({1, *(int(k) for k in args.k.split(","))})
+    for k in ks:
+        if k > args.n:
+            parser.error(f"pass@{k} needs --n >= {k}")
+
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Qwen3.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data_dir = args.data_dir or default_data_dir()
+    results, samples = {}, {}
+    args.progress = args.progress and rank == 0
+    with GraderPool() as pool:
+        for name in args.benchmarks.split(","):
+            problems = load_problems(benchmark_file(name, data_dir))
+            mine = problems[rank::world]
+            records = sample_problems(model, tokenizer, mine, args, pool, args.seed * 1009 + rank)
+            if distributed:
+                gathered = [None] * world
+                dist.all_gather_object(gathered, records)
+                records = [r for i in range(len(problems)) for r in [gathered[i % world][i // world]]]
+            results[name], samples[name] = summarize(records, args.n, ks, args.meta), records
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table = markdown(results, ks, args.meta)
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+        (args.out / "samples.json").write_text(json.dumps(samples))
+        (args.out / "results.md").write_text(table + "\n")
+        if args.meta:
+            for name, records in samples.items():
+                plot_calibration(name, records, args.n, args.out)
+        print(table)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

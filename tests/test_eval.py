@@ -1,0 +1,190 @@
+"""eval.py and data.py: pass@k against brute force, the metrics against a recount by hand, the whole
+command on a tiny random model, and the loaders on the shared data and on malformed files."""
+
+import itertools
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data import build_char_tokenizer, load_problems
+from eval import main, markdown, pass_at_k, spearman, summarize
+from model import PRESETS, Qwen3
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ---------------------------------------------------------------------------------------------------
+# pass@k and Spearman
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_equals_brute_force_over_subsets(n):
+    for c in range(n + 1):
+        outcomes = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(outcomes, k))
+            brute = sum(any(s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError, match="pass@4 needs at least 4"):
+        pass_at_k(3, 1, 4)
+
+
+def test_spearman_with_ties_matches_pearson_on_average_ranks():
+    x, y = [1, 2, 2, 3, 10], [0.1, 0.3, 0.2, 0.9, 0.8]
+    rx, ry = [1, 2.5, 2.5, 4, 5], [1, 3, 2, 5, 4]  # ranks by hand (ties share 2.5)
+    expected = np.corrcoef(rx, ry)[0, 1]
+    assert spearman(x, y) == pytest.approx(expected)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics from graded records
+
+
+def record(correct, lengths, extracted, meta=None):
+    return {"id": 0, "answer": "1", "responses": [
+        {"text": "", "extracted": e, "correct": c, "length": n, "finish_reason": "stop"}
+        for c, n, e in zip(correct, lengths, extracted)], **({"meta": meta} if meta is not None else {})}
+
+
+def meta_entry(pass_rate, length, notion_score):
+    return {"text": "", "pass_rate": pass_rate, "solution_length": length,
+            "notions": None if pass_rate is None and length is None else [],
+            "reward": {"notion": notion_score}}
+
+
+def test_summary_against_a_hand_recount():
+    records = [
+        record([True, False, False, True], [10, 20, 30, 40], ["1", "2", None, "1"],
+               [meta_entry(2, 25, 0.5), meta_entry(4, 50, 1.0)]),
+        record([False] * 4, [5, 5, 5, 5], [None] * 4, [meta_entry(0, 10, 0.0), meta_entry(None, None, 0.0)]),
+        record([True] * 4, [8, 9, 10, 11], ["1"] * 4, [meta_entry(4, 9, 1.0), meta_entry(3, 100, 0.0)]),
+    ]
+    m = summarize(records, n=4, ks=[1, 2], meta=True)
+    rates = [0.5, 0.0, 1.0]
+    assert m["pass@1"] == pytest.approx(0.5)
+    assert m["pass@1_stderr"] == pytest.approx(np.std(rates, ddof=1) / math.sqrt(3))
+    # pass@2 per problem: 1 - C(2,2)/C(4,2) = 5/6, 0, 1
+    assert m["pass@2"] == pytest.approx((5 / 6 + 0 + 1) / 3)
+    assert m["mean_length"] == pytest.approx(np.mean([10, 20, 30, 40, 5, 5, 5, 5, 8, 9, 10, 11]))
+    assert m["no_box"] == pytest.approx(5 / 12)
+    # predicted pass rates per problem: mean(2/4, 4/4) = 0.75, 0/4 = 0, mean(4/4, 3/4) = 0.875
+    assert m["meta_pass_rate_mae"] == pytest.approx((0.25 + 0 + 0.125) / 3)
+    assert m["meta_pass_rate_spearman"] == pytest.approx(spearman([0.75, 0, 0.875], rates))
+    # lengths inside [min, max] of correct lengths: 25 in [10, 40] yes, 50 no; problem 2 has no correct
+    # responses; 9 in [8, 11] yes, 100 no
+    assert m["meta_length_inside"] == pytest.approx(2 / 4)
+    assert m["meta_notion_score"] == pytest.approx(np.mean([0.5, 1.0, 0.0, 1.0, 0.0]))
+    assert m["meta_parse_failures"] == pytest.approx(1 / 6)
+    table = markdown({"toy": m}, ks=[1, 2], meta=True)
+    assert "| toy | 3 | 4 | 50.00 |" in table and f"{100 * m['pass@2']:.2f}" in table
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    build_char_tokenizer(root / "model")
+    torch.manual_seed(0)
+    Qwen3(replace(PRESETS["tiny"], vocab_size=128)).save_pretrained(root / "model")
+    with open(root / "five.jsonl", "w") as f:
+        for a in range(5):
+            f.write(json.dumps({"id": f"p{a}", "problem": f"What is {a}+1?", "answer": str(a + 1)}) + "\n")
+    return root
+
+
+def test_eval_end_to_end_writes_consistent_results(tiny, tmp_path, capsys):
+    args = ["--model", str(tiny / "model"), "--benchmarks", str(tiny / "five.jsonl"), "--n", "3", "--k", "2",
+            "--temperature", "1.0", "--max-new-tokens", "12", "--meta", "--meta-n", "2", "--meta-max-new-tokens", "12",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    main(args)
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    samples = json.loads((tmp_path / "out" / "samples.json").read_text())
+    (name, metrics), = results.items()
+    records = samples[name]
+    assert [r["id"] for r in records] == [f"p{a}" for a in range(5)]
+    assert all(len(r["responses"]) == 3 and len(r["meta"]) == 2 for r in records)
+    # recount from the per-sample grades
+    rates = [sum(x["correct"] for x in r["responses"]) / 3 for r in records]
+    assert metrics["pass@1"] == pytest.approx(np.mean(rates))
+    assert metrics["mean_length"] == pytest.approx(np.mean([x["length"] for r in records for x in r["responses"]]))
+    assert metrics["no_box"] == pytest.approx(np.mean([x["extracted"] is None for r in records for x in r["responses"]]))
+    # the markdown table shows the same numbers
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.strip() in printed
+    assert f"| {name} | 5 | 3 | {100 * metrics['pass@1']:.2f} |" in table
+    # deterministic for a seed
+    main(args[:-3] + ["--out", str(tmp_path / "again"), "--no-progress"])
+    assert (tmp_path / "again" / "samples.json").read_text() == (tmp_path / "out" / "samples.json").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loaders
+
+
+@pytest.mark.parametrize("name,rows", [("bench/aime24.jsonl", 30), ("bench/aime25.jsonl", 30), ("bench/amc23.jsonl", 40),
+                                       ("bench/minerva.jsonl", 272), ("bench/olympiadbench.jsonl", 675),
+                                       ("bench/gsm8k.jsonl", 1319), ("train/math_train.jsonl", 7500)])
+def test_loads_every_shared_data_file(name, rows):
+    path = SHARED / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    problems = load_problems(path)
+    assert len(problems) == rows
+    assert all(isinstance(p["problem"], str) and p["problem"] and isinstance(p["answer"], str) for p in problems)
+
+
+def test_malformed_files_are_reported_with_file_row_and_field(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, row 2: missing field 'answer'"):
+        load_problems(f)
+    f.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, row 2: not valid JSON"):
+        load_problems(f)
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="holds no problems"):
+        load_problems(f)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_problems(tmp_path / "nope.jsonl")
+
+
+def test_other_field_names_are_configurable(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"question": "1+1", "solution_value": 2}\n')
+    (p,) = load_problems(f, problem_key="question", answer_key="solution_value")
+    assert (p["problem"], p["answer"]) == ("1+1", "2")
+    with pytest.raises(ValueError, match="missing field 'problem'.*data.problem_key"):
+        load_problems(f)
+
+
+def test_two_processes_split_the_problems_and_gather_the_same_results(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["--model", str(tiny / "model"), "--benchmarks", str(tiny / "five.jsonl"), "--samples", "2",
+              "--temperature", "0", "--max-new-tokens", "10", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for nproc, out in ((1, "one"), (2, "two")):
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        f"--nproc_per_node={nproc}"]
+        done = subprocess.run(launcher + [str(root / "eval.py"), *common, "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, cwd=root, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "samples.json").read_text())
+    two = json.loads((tmp_path / "two" / "samples.json").read_text())
+    assert one == two  # greedy: the split changes nothing, and the order is restored
