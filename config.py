@@ -120,7 +120,7 @@ class MetaConfig:
 class EfficientConfig:
     """MASA-efficient's mechanisms; each switch is one ablation."""
     gating: bool = False  # skip solution rollouts of prompts predicted all-correct or all-wrong
-    gate_start_step: int = 80  # gating starts once the meta predictions are trained
+    gate_start_step: int = 80  # gating, cutoff and hints start once the meta predictions are trained
     gate_std: float = 0.1  # gate only when the M predicted pass rates agree (std below this)
     gate_eps: float = 0.05  # ... and their mean is <= eps or >= 1 - eps (the paper gives no value)
     cutoff: bool = False  # stop solution rollouts past cutoff_factor x the predicted length

@@ -276,6 +276,7 @@ def _default_slots(config, max_len: int, dtype: torch.dtype, device: torch.devic
     per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * max_len * (
         torch.finfo(dtype).bits // 8)
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch, unused
     return max(1, int(0.6 * free) // per_slot)
 
 

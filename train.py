@@ -34,6 +34,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,13 @@ def setup_distributed() -> Env:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
+        # Ranks wait for each other at the first collective after rollouts, whose length varies a lot
+        # (gating, 8k-token responses, the audit): NCCL's default 10-minute timeout would abort the job.
+        timeout = timedelta(hours=2)
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Env(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -114,17 +118,19 @@ def refresh_actor(actor: Qwen3, policy: Qwen3):
 
 @dataclass
 class Sequence:
-    """One rollout in the loss: prompt + response token ids, its advantage and sampling log-probs."""
+    """One rollout in the loss: prompt + response token ids, its advantage, and the global index of
+    its prompt in the step (which picks its mini-batch the same way on any number of ranks)."""
     prompt: list[int]
     response: list[int]
     advantage: float
+    group: int = 0
 
 
 @dataclass
 class StepData:
     sequences: list[Sequence] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
-    experts: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, BC target) ids
+    experts: list[tuple] = field(default_factory=list)  # (step, global prompt index, prompt ids, BC target ids)
 
 
 def step_problems(problems: list[dict], cfg: Config, step: int, env: Env) -> list[dict]:
@@ -139,6 +145,36 @@ def step_problems(problems: list[dict], cfg: Config, step: int, env: Env) -> lis
     return out
 
 
+MAX_HINT_NOTIONS, MAX_NOTION_CHARS = 8, 80  # a hint is model-written text: keep it short
+
+
+def solution_prompt_ids(tokenizer, cfg: Config, problem: str, hint: list[str] | None = None) -> list[int]:
+    """The solution prompt's token ids, with the hint only if the prompt still fits max_prompt_tokens."""
+    ids = chat_ids(tokenizer, masa.solution_prompt(problem, cfg.prompt.solution, hint, cfg.prompt.hint))
+    if hint and len(ids) > cfg.rollout.max_prompt_tokens:
+        return solution_prompt_ids(tokenizer, cfg, problem)
+    return ids
+
+
+def fits(tokenizer, cfg: Config, problem: str) -> bool:
+    """Whether a problem's prompts (the meta prompt too, when the meta path runs) fit max_prompt_tokens."""
+    limit = cfg.rollout.max_prompt_tokens
+    if len(solution_prompt_ids(tokenizer, cfg, problem)) > limit:
+        return False
+    if cfg.algorithm == "grpo":
+        return True
+    meta = masa.meta_prompt(problem, cfg.prompt.meta, cfg.rollout.group_size, cfg.rollout.max_response_tokens)
+    return len(chat_ids(tokenizer, meta)) <= limit
+
+
+def seed_for(cfg: Config, step: int, rank: int, purpose: int) -> int:
+    """An independent seed per (run seed, step, rank, purpose): no two sampling calls share a stream."""
+    return int(np.random.SeedSequence([cfg.train.seed, step, rank, purpose]).generate_state(1)[0])
+
+
+SEED_JOINT, SEED_SOLUTION, SEED_HINTS, SEED_AUDIT_GATED, SEED_AUDIT_CUT, SEED_VALIDATION = range(6)
+
+
 def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: GraderPool,
             problems: list[dict]) -> StepData:
     """Steps 2-3: rollouts for this rank's prompts, rewards, advantages, experts."""
@@ -148,35 +184,34 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     efficient = cfg.efficient if cfg.algorithm == "masa_efficient" else None
     params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                             max_new_tokens=max_new, stop_token_ids=stop_token_ids(tokenizer))
-    seed = (cfg.train.seed * 1_000_003 + step) * 1009 + env.rank
-    generator = torch.Generator().manual_seed(seed)
+    seed = seed_for(cfg, step, env.rank, SEED_JOINT)
+    generator = torch.Generator().manual_seed(seed_for(cfg, step, env.rank, SEED_HINTS))
     P = len(problems)
+    first = step * cfg.train.batch_size + env.rank * P  # global index of this rank's first prompt
     meta_ids = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], cfg.prompt.meta, G, max_new)) for p in problems]
     data, m = StepData(), {}
     started = time.perf_counter()
 
-    # Meta rollouts first when their predictions steer the solution path; otherwise both in one call.
+    # From gate_start_step on, MASA-efficient runs the meta rollouts first and lets their predictions
+    # steer the solution path (gating, cutoff budgets, hints); before, and for MASA, one joint call.
+    steering = efficient is not None and step >= efficient.gate_start_step
     meta_rollouts = None
-    if efficient is not None:
+    if steering:
         meta_rollouts = generate(actor, meta_ids, params, seed=seed, counts=[M] * P, slots=cfg.rollout.slots or None)
     predictions = [[parse_meta(tokenizer.decode(r.token_ids, skip_special_tokens=True), G, max_new) for r in rs]
                    for rs in meta_rollouts] if meta_rollouts else None
     gated, budgets, hints = [False] * P, [None] * P, [None] * P
-    if efficient is not None:
-        if efficient.gating and step >= efficient.gate_start_step:
+    if steering:
+        if efficient.gating:
             gated = masa.gate([masa.predicted_pass_rates(ps, G) for ps in predictions], efficient.gate_std,
                               efficient.gate_eps)
         if efficient.cutoff:
             budgets = masa.cutoff_budgets([[p.solution_length if p else None for p in ps] for ps in predictions],
                                           efficient.cutoff_factor, max_new)
         if efficient.hints:
-            hints = [masa.hint_notions(ps, generator) for ps in predictions]
-    solution_ids = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], cfg.prompt.solution, h, cfg.prompt.hint))
-                    for p, h in zip(problems, hints)]
-    too_long = max(len(x) for x in solution_ids + meta_ids) > cfg.rollout.max_prompt_tokens
-    if too_long:
-        raise ValueError(f"a prompt exceeds rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}; filter the "
-                         f"data or raise the limit")
+            hints = [masa.hint_notions(ps, generator)[:MAX_HINT_NOTIONS] for ps in predictions]
+            hints = [[n[:MAX_NOTION_CHARS] for n in h] for h in hints]
+    solution_ids = [solution_prompt_ids(tokenizer, cfg, p["problem"], h) for p, h in zip(problems, hints)]
     counts = [0 if g else G for g in gated]
     if meta_path and meta_rollouts is None:
         out = generate(actor, meta_ids + solution_ids, params, seed=seed, counts=[M] * P + counts,
@@ -185,7 +220,8 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
         predictions = [[parse_meta(tokenizer.decode(r.token_ids, skip_special_tokens=True), G, max_new) for r in rs]
                        for rs in meta_rollouts]
     else:
-        solution_rollouts = generate(actor, solution_ids, params, budgets=budgets, seed=seed + 1, counts=counts,
+        solution_rollouts = generate(actor, solution_ids, params, budgets=budgets,
+                                     seed=seed_for(cfg, step, env.rank, SEED_SOLUTION), counts=counts,
                                      slots=cfg.rollout.slots or None)
 
     generated = time.perf_counter()
@@ -198,24 +234,25 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     for rs in solution_rollouts:
         correct.append([bool(grades.correct[k + j]) and r.finish_reason != "cutoff" for j, r in enumerate(rs)])
         k += len(rs)
-    m["time_rollout"], m["time_grading"] = generated - started, time.perf_counter() - generated
-    if efficient is not None and step % efficient.audit_every == 0:
-        m.update(audit(cfg, actor, tokenizer, pool, params, seed, problems, solution_ids, gated, solution_rollouts))
+    m["time_rollout"], m["time_grading"] = (generated - started, 1), (time.perf_counter() - generated, 1)
+    if steering and step % efficient.audit_every == 0:
+        m.update(audit(cfg, actor, tokenizer, pool, params, (seed_for(cfg, step, env.rank, SEED_AUDIT_GATED),
+                       seed_for(cfg, step, env.rank, SEED_AUDIT_CUT)), problems, solution_ids, gated, solution_rollouts))
 
     rewards = torch.tensor([float(c) for cs in correct for c in cs])
     advantages = masa.group_advantages(rewards, G).tolist() if len(rewards) else []
     k = 0
-    for prompt, rs in zip(solution_ids, solution_rollouts):
+    for i, (prompt, rs) in enumerate(zip(solution_ids, solution_rollouts)):
         for r in rs:
-            data.sequences.append(Sequence(prompt, r.token_ids, advantages[k]))
+            data.sequences.append(Sequence(prompt, r.token_ids, advantages[k], first + i))
             k += 1
-    m["reward"] = rewards.mean().item() if len(rewards) else float("nan")
-    m["accuracy"] = sum(grades.correct) / len(grades.correct) if grades else float("nan")  # cut-off ones included
+    # Rates are (numerator, denominator) pairs, counts plain numbers: both are summed over ranks.
+    m["reward"] = (rewards.sum().item(), len(rewards))
+    m["accuracy"] = (sum(grades.correct) if grades else 0, len(rewards))  # cut-off rollouts graded as written
     m["solution_tokens"] = sum(len(r.token_ids) for rs in solution_rollouts for r in rs)
     m["solution_rollouts"] = len(rewards)
-    m["cutoff_fraction"] = (sum(r.finish_reason == "cutoff" for rs in solution_rollouts for r in rs)
-                            / max(1, len(rewards)))
-    m["gated_fraction"] = sum(gated) / P
+    m["cutoff_fraction"] = (sum(r.finish_reason == "cutoff" for rs in solution_rollouts for r in rs), len(rewards))
+    m["gated_fraction"] = (sum(gated), P)
     m["grader_timeouts"] = grades.timeouts if grades else 0
 
     if meta_path:
@@ -233,29 +270,29 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
                 if p is not None and p.pass_rate is not None:
                     errors.append(abs(p.pass_rate / G - p_true))
             scores.extend(res["score"] for res in results)
-            meta_seqs.extend((meta_ids[i], r.token_ids) for r in rs)
+            meta_seqs.extend((meta_ids[i], r.token_ids, first + i) for r in rs)
             if efficient is not None and efficient.behaviour_cloning:
                 best = masa.select_expert([res["score"] if p is not None else -1.0 for p, res in zip(preds, results)],
                                           efficient.bc_threshold)  # an unparseable response is no expert
-                if best is not None:
+                if best is not None and any(correct[i]):  # with no correct rollout the length is unknown
                     response = tokenizer.decode(rs[best].token_ids, skip_special_tokens=True)
                     lengths = [o.length for o in outcomes if o.correct]
                     target = masa.expert_target(response, preds[best], lengths, sum(correct[i]))
                     ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-                    data.experts.append((meta_ids[i], ids))
+                    data.experts.append((step, first + i, meta_ids[i], ids))
         meta_adv = masa.group_advantages(torch.tensor(scores), M).tolist() if scores else []
-        data.sequences.extend(Sequence(p, r, a) for (p, r), a in zip(meta_seqs, meta_adv))
-        m["meta_reward"] = sum(scores) / len(scores) if scores else float("nan")
+        data.sequences.extend(Sequence(p, r, a, g) for (p, r, g), a in zip(meta_seqs, meta_adv))
+        m["meta_reward"] = (sum(scores), len(scores))
         for key, values in parts.items():
-            m[f"meta_{key}"] = sum(values) / len(values) if values else float("nan")
-        m["pass_rate_mae"] = sum(errors) / len(errors) if errors else float("nan")
-        m["meta_parse_failures"] = sum(p is None for ps in predictions for p in ps) / max(1, P * M)
+            m[f"meta_{key}"] = (sum(values), len(values))
+        m["pass_rate_mae"] = (sum(errors), len(errors))
+        m["meta_parse_failures"] = (sum(p is None for ps in predictions for p in ps), P * M)
         m["meta_tokens"] = sum(len(r.token_ids) for rs in meta_rollouts for r in rs)
     data.metrics = m
     return data
 
 
-def audit(cfg: Config, actor, tokenizer, pool, params, seed, problems, solution_ids, gated, solution_rollouts) -> dict:
+def audit(cfg: Config, actor, tokenizer, pool, params, seeds, problems, solution_ids, gated, solution_rollouts) -> dict:
     """Gating and cutoff are predictions: run what they skipped (outside the loss) and measure them.
     Gated prompts get their G solution rollouts after all (were they really all-right or all-wrong?);
     cut rollouts are continued to max_response_tokens (would they have ended wrong?)."""
@@ -264,7 +301,7 @@ def audit(cfg: Config, actor, tokenizer, pool, params, seed, problems, solution_
     skipped = [i for i, g in enumerate(gated) if g]
     zero_variance = []
     if skipped:
-        rollouts = generate(actor, [solution_ids[i] for i in skipped], params, seed=seed + 2, counts=[G] * len(skipped))
+        rollouts = generate(actor, [solution_ids[i] for i in skipped], params, seed=seeds[0], counts=[G] * len(skipped))
         for i, rs in zip(skipped, rollouts):
             texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs]
             verdicts = grade_batch(texts, [problems[i]["answer"]] * len(texts), pool).correct
@@ -274,7 +311,7 @@ def audit(cfg: Config, actor, tokenizer, pool, params, seed, problems, solution_
     if cut:
         prompts = [solution_ids[i] + r.token_ids for i, r in cut]
         rest = [max_new - len(r.token_ids) for _, r in cut]
-        continuations = generate(actor, prompts, params, budgets=rest, seed=seed + 3, counts=[1] * len(cut))
+        continuations = generate(actor, prompts, params, budgets=rest, seed=seeds[1], counts=[1] * len(cut))
         texts = [tokenizer.decode(r.token_ids + c[0].token_ids, skip_special_tokens=True)
                  for (_, r), c in zip(cut, continuations)]
         continued_correct = grade_batch(texts, [problems[i]["answer"] for i, _ in cut], pool).correct
@@ -294,7 +331,8 @@ def validate(cfg: Config, env: Env, actor, tokenizer, pool, problems: list[dict]
                             top_p=cfg.validation.top_p, max_new_tokens=cfg.rollout.max_response_tokens,
                             stop_token_ids=stop_token_ids(tokenizer))
     ids = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], cfg.prompt.solution)) for p in mine]
-    rollouts = generate(actor, ids, params, seed=cfg.train.seed, slots=cfg.rollout.slots or None) if ids else []
+    seed = seed_for(cfg, 0, env.rank, SEED_VALIDATION)
+    rollouts = generate(actor, ids, params, seed=seed, slots=cfg.rollout.slots or None) if ids else []
     texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for rs in rollouts for r in rs]
     answers = [p["answer"] for p in mine for _ in range(cfg.validation.samples)]
     correct = sum(grade_batch(texts, answers, pool).correct) if texts else 0
@@ -353,12 +391,20 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, data: Ste
                 logprobs, _ = policy(ids, targets=targets, temperature=temperature)
                 for s, row in zip(batch, logprobs):
                     old[id(s)] = row[:len(s.prompt) + len(s.response)]
-    metrics = {}
+    steps = []
     for _ in range(cfg.train.ppo_epochs):
-        parts = [sequences[i::cfg.train.mini_batches] for i in range(cfg.train.mini_batches)]
+        parts = [[s for s in sequences if s.group % cfg.train.mini_batches == i] for i in range(cfg.train.mini_batches)]
         for part in parts:
-            metrics = _optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature, reference)
-    return metrics
+            steps.append(_optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature, reference))
+    # one record per batch: token sums over the optimizer steps, token-weighted means, mean grad norm
+    seen = sum(s["trained_tokens"] for s in steps)
+    out = {"loss": sum(s["loss"] for s in steps), "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
+           "skipped_steps": sum(s["skipped"] for s in steps), "lr": steps[0]["lr"], "trained_tokens": seen}
+    for key in ("clip_fraction", "ratio_mean", "entropy", "kl"):
+        out[key] = sum(s[key] * s["trained_tokens"] for s in steps) / max(seen, 1)
+    for key in ("time_logprobs_backward", "time_optimizer"):
+        out[key] = sum(s[key] for s in steps)
+    return out
 
 
 _DUMMY = Sequence([0], [0], 0.0)  # a rank with less work runs this (masked out) so collectives match
@@ -404,13 +450,12 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss, seen, clipped, ratio, entropy, kl = all_reduce([sums[k] for k in sums], env)
     skipped = not (np.isfinite(loss) and np.isfinite(grad_norm))
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
-    else:
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    if not skipped:  # otherwise the weights stay as they were
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return {"loss": loss, "grad_norm": grad_norm, "skipped_step": skipped, "lr": scheduler.get_last_lr()[0],
+    return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped, "lr": lr,
             "clip_fraction": clipped / max(seen, 1), "ratio_mean": ratio / max(seen, 1),
             "entropy": entropy / max(seen, 1), "kl": kl / max(seen, 1), "trained_tokens": seen,
             "time_logprobs_backward": backward_done - started, "time_optimizer": time.perf_counter() - backward_done}
@@ -430,7 +475,12 @@ def behaviour_cloning(cfg: Config, env: Env, policy: Qwen3, optimizer, experts: 
         loss = -(logprobs * mask).sum() / max(tokens, 1)
         loss.backward()
         total += loss.item()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    total = all_reduce([total], env)[0]
+    if not (np.isfinite(total) and np.isfinite(grad_norm)):  # as in the RL step: skip, weights untouched
+        optimizer.zero_grad(set_to_none=True)
+        return total
     lrs = [g["lr"] for g in optimizer.param_groups]
     for g in optimizer.param_groups:
         g["lr"] = cfg.efficient.bc_lr
@@ -438,7 +488,7 @@ def behaviour_cloning(cfg: Config, env: Env, policy: Qwen3, optimizer, experts: 
     optimizer.zero_grad(set_to_none=True)
     for g, lr in zip(optimizer.param_groups, lrs):
         g["lr"] = lr
-    return all_reduce([total], env)[0]
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -524,6 +574,14 @@ def train(cfg: Config):
     np.random.seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
+    kept = [p for p in problems if fits(tokenizer, cfg, p["problem"])]
+    if not kept:
+        raise ValueError(f"no problem in {cfg.data.train_path} fits rollout.max_prompt_tokens="
+                         f"{cfg.rollout.max_prompt_tokens} (meta prompt included); raise the limit")
+    if env.main and len(kept) < len(problems):
+        print(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose prompts exceed "
+              f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
+    problems = kept
     policy = build_policy(cfg, env)
     actor = Qwen3.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=env.device).eval()
     reference = None  # the frozen initial policy, for the KL term only (another bf16 copy of the weights)
@@ -568,13 +626,19 @@ def train(cfg: Config):
             t2 = time.perf_counter()
             bc_buffer.extend(data.experts)
             if cfg.algorithm == "masa_efficient" and cfg.efficient.behaviour_cloning:
-                buffered = all_reduce([len(bc_buffer)], env)[0]
-                if buffered >= cfg.efficient.bc_batch_size:
-                    metrics["bc_loss"] = behaviour_cloning(cfg, env, policy, optimizer, bc_buffer)
-                    bc_buffer = []
+                # Exactly bc_batch_size experts per step, the oldest first by (step, global prompt
+                # index) over all ranks, so the choice does not depend on the number of ranks.
+                keys = [None] * env.world
+                dist.all_gather_object(keys, [e[:2] for e in bc_buffer])
+                everything = sorted(tuple(k) for ks in keys for k in ks)
+                if len(everything) >= cfg.efficient.bc_batch_size:
+                    chosen = set(everything[:cfg.efficient.bc_batch_size])
+                    mine = [(p, t) for st, g, p, t in bc_buffer if (st, g) in chosen]
+                    bc_buffer = [e for e in bc_buffer if tuple(e[:2]) not in chosen]
+                    metrics["bc_loss"] = behaviour_cloning(cfg, env, policy, optimizer, mine)
             refresh_actor(actor, policy)
             t3 = time.perf_counter()
-            record = {"step": step + 1, **_mean_over_ranks(data.metrics, env), **metrics, "time_refresh": t3 - t2}
+            record = {"step": step + 1, **_reduce_metrics(data.metrics, env), **metrics, "time_refresh": t3 - t2}
             if "audit_gated" in record:  # the fraction of gated prompts / cut rollouts the audit confirmed
                 record["gating_precision"] = _ratio(record["audit_gated_zero_variance"], record["audit_gated"])
                 record["cutoff_precision"] = _ratio(record["audit_cut_wrong"], record["audit_cut"])
@@ -599,26 +663,38 @@ def train(cfg: Config):
             wandb_run.finish()
 
 
-_COUNTS = {"solution_rollouts", "solution_tokens", "meta_tokens", "grader_timeouts", "audit_gated",
-           "audit_gated_zero_variance", "audit_cut", "audit_cut_wrong"}  # summed over ranks, not averaged
-
-
 def _ratio(hits: float, total: float) -> float:
     return hits / total if total else float("nan")
 
 
-def _mean_over_ranks(metrics: dict, env: Env) -> dict:
-    """Counts summed over ranks; rates averaged (every rank holds the same number of prompts)."""
+def _reduce_metrics(metrics: dict, env: Env) -> dict:
+    """Sum every count over ranks; a rate, given as (numerator, denominator), is the ratio of the sums."""
     keys = sorted(metrics)
-    totals = all_reduce([float(metrics[k]) for k in keys], env)
-    return {k: v if k in _COUNTS else v / env.world for k, v in zip(keys, totals)}
+    flat = [float(x) for k in keys for x in (metrics[k] if isinstance(metrics[k], tuple) else (metrics[k],))]
+    totals, out, i = all_reduce(flat, env), {}, 0
+    for k in keys:
+        if isinstance(metrics[k], tuple):
+            out[k], i = _ratio(totals[i], totals[i + 1]), i + 2
+        else:
+            out[k], i = totals[i], i + 1
+    return out
 
 
 def _truncate_metrics(file: Path, step: int):
+    """Keep the lines of steps up to `step` (those after it came from a run killed before its next
+    checkpoint; a line cut short by the kill is dropped), rewriting the file atomically."""
     if not file.exists():
         return
-    lines = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    file.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for line in file.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = file.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, file)
 
 
 def main(argv=None):

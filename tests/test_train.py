@@ -106,9 +106,11 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(assets
     assert (tmp_path / "run" / "latest").read_text().strip() == "step_000002"
 
 
-def test_two_processes_make_the_same_update_as_one(assets, tmp_path):
-    # Greedy rollouts are the same however the prompts are split, so both runs see one global batch.
-    settings = ["algorithm=masa", "train.total_steps=1", "rollout.temperature=0"]
+@pytest.mark.parametrize("mini_batches", [1, 3])
+def test_two_processes_make_the_same_update_as_one(assets, tmp_path, mini_batches):
+    # Greedy rollouts are the same however the prompts are split, so both runs see one global batch;
+    # with several mini-batches, each rollout must land in the same one on 1 and on 2 processes.
+    settings = ["algorithm=masa", "train.total_steps=1", "rollout.temperature=0", f"train.mini_batches={mini_batches}"]
     one = run(assets, tmp_path / "one", *settings)
     two = run(assets, tmp_path / "two", *settings, nproc=2)
     assert one[0]["solution_rollouts"] == two[0]["solution_rollouts"]
@@ -167,11 +169,11 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(assets, tmp_path
     before = {n: p.full_tensor().clone() for n, p in policy.named_parameters()}
     bad = [train.Sequence([1, 2, 3], [4, 5], float("nan")), train.Sequence([1, 2], [6], 1.0)]
     metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, train.StepData(bad))
-    assert metrics["skipped_step"] is True
+    assert metrics["skipped_steps"] == 1
     assert all(torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
     good = [train.Sequence([1, 2, 3], [4, 5], -1.0), train.Sequence([1, 2], [6], 1.0)]
     metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, train.StepData(good))
-    assert metrics["skipped_step"] is False
+    assert metrics["skipped_steps"] == 0
     assert any(not torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
 
 
@@ -203,7 +205,36 @@ def test_the_audit_reruns_what_gating_and_cutoff_skipped(assets):
     params = SamplingParams(max_new_tokens=8, stop_token_ids=stop_token_ids(tokenizer))
     cut = Rollout([40, 41, 42], [-1.0] * 3, "cutoff")
     with GraderPool(workers=1) as pool:
-        out = train.audit(cfg, actor, tokenizer, pool, params, 0, problems, ids, [True, False], [[], [cut]])
+        out = train.audit(cfg, actor, tokenizer, pool, params, (0, 1), problems, ids, [True, False], [[], [cut]])
     # a random model answers nothing correctly: the gated prompt really was all-wrong (zero variance),
     # and the cut rollout would have ended wrong
     assert out == {"audit_gated": 1, "audit_cut": 1, "audit_gated_zero_variance": 1, "audit_cut_wrong": 1}
+
+
+def test_metrics_after_the_resumed_step_and_a_torn_line_are_dropped(tmp_path):
+    import train
+
+    file = tmp_path / "metrics.jsonl"
+    file.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
+    train._truncate_metrics(file, 2)
+    assert [json.loads(line)["step"] for line in file.read_text().splitlines()] == [1, 2]
+
+
+def test_a_hint_that_would_overflow_the_prompt_is_dropped(assets):
+    import train
+    from config import load_config
+    from transformers import AutoTokenizer
+
+    cfg = load_config(CONFIG, ["rollout.max_prompt_tokens=200"])
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    plain = train.solution_prompt_ids(tokenizer, cfg, "What is 1+1?")
+    assert train.solution_prompt_ids(tokenizer, cfg, "What is 1+1?", ["carry"]) != plain
+    assert train.solution_prompt_ids(tokenizer, cfg, "What is 1+1?", ["x" * 80] * 8) == plain
+    assert not train.fits(tokenizer, cfg, "What is 1+1?")  # its meta prompt is ~750 characters
+    assert train.fits(tokenizer, replace_algorithm(cfg, "grpo"), "What is 1+1?")
+
+
+def replace_algorithm(cfg, algorithm):
+    import dataclasses
+
+    return dataclasses.replace(cfg, algorithm=algorithm)
