@@ -13,7 +13,8 @@ model's tokenizer: tests and the CPU demo run the same tokenization code as a Qw
 `chat_ids` and `stop_token_ids` are the two places where token ids meet text for the model: the
 trainer and the evaluation build prompts and stop conditions the same way.
 
-Not here yet: the synthetic CPU task (a later issue).
+The synthetic task of the CPU demo lives here too: column addition and subtraction whose reference
+solutions name their notions ("carry", "borrow"), with difficulty set by the number of digits.
 """
 
 from __future__ import annotations
@@ -59,22 +60,72 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_char_tokenizer(path: str | Path, characters: str | None = None):
+def build_char_tokenizer(path: str | Path, characters: str | None = None, words: list[str] = ()):
     """Save a character-level tokenizer (Qwen's special tokens, ChatML template, <|im_end|> as end of
-    turn) to `path` and return it as loaded back by AutoTokenizer."""
+    turn) to `path` and return it as loaded back by AutoTokenizer. `words` become single tokens
+    (e.g. "carry", "\\boxed{"), matched before single characters."""
+    import re
+
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     characters = characters or "".join(c for c in string.printable if c not in "\x0b\x0c\r")
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + sorted(set(characters)))}
+    words = sorted(set(words), key=len, reverse=True)  # longest first, so "carry" wins over "c"
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + words + sorted(set(characters) - set(words)))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    pattern = "|".join([re.escape(w) for w in words] + [r"[\s\S]"])  # any character, newlines included
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The synthetic task of the CPU demo (DESIGN.md §5)
+
+ARITHMETIC_WORDS = ["carry", "borrow", "\\boxed{"]  # single tokens: solutions stay short, notions stay visible
+
+
+def arithmetic_solution(a: int, b: int, op: str) -> str:
+    """Column arithmetic, right to left, one line per column: `4+8+1=13carry1` (digits, the carry in,
+    their sum, the carry out) or `0-1-1=8borrow1` (digits, the borrow in, the result digit, the borrow
+    out), then the boxed answer. Leading zeros of the shorter number are written."""
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    lines, flow = [], 0
+    for x, y in zip(map(int, da), map(int, db)):
+        if op == "+":
+            total = x + y + flow
+            lines.append(f"{x}+{y}+{flow}={total}carry{total // 10}")
+            flow = total // 10
+        else:
+            diff = x - y - flow
+            lines.append(f"{x}-{y}-{flow}={diff % 10}borrow{int(diff < 0)}")
+            flow = int(diff < 0)
+    answer = a + b if op == "+" else a - b
+    return "\n".join(lines) + f"\n\\boxed{{{answer}}}"
+
+
+def arithmetic_problems(count: int, seed: int, digits: tuple[int, ...] = (1, 2, 3, 4)) -> list[dict]:
+    """`count` problems "a+b" or "a-b" (a >= b), difficulty d = the number of digits of both operands,
+    spread evenly over `digits`; rows like load_problems returns, with "solution" and "difficulty"."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        d = digits[i % len(digits)]
+        low = 0 if d == 1 else 10 ** (d - 1)
+        a, b = rng.randint(low, 10 ** d - 1), rng.randint(low, 10 ** d - 1)
+        op = rng.choice("+-")
+        if op == "-" and a < b:
+            a, b = b, a
+        rows.append({"id": f"arith-{seed}-{i}", "problem": f"{a}{op}{b}", "answer": str(a + b if op == "+" else a - b),
+                     "solution": arithmetic_solution(a, b, op), "difficulty": d})
+    return rows
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
