@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import copy_bandwidth  # noqa: E402
 
 
 def eager_logprobs(logits, targets):
@@ -68,23 +69,6 @@ def measure(fn, inputs, iters, device):
             times.append(time.perf_counter() - t0)
         peak = None
     return statistics.median(times), peak
-
-
-def copy_bandwidth(device, iters: int = 20) -> float:
-    """Bytes per second of a device-to-device copy (counting the read and the write)."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 22)
-    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
-    dst.copy_(src)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * n * 4 / statistics.median(times)
 
 
 def fmt_mem(b):

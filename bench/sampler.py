@@ -23,29 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import copy_bandwidth, sync  # noqa: E402
 from model import PRESETS, Qwen3  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
 SMALL = replace(PRESETS["tiny"], vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=4, head_dim=32)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device) -> float:
-    n = (1 << 28) if device.type == "cuda" else (1 << 22)
-    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
-    times = []
-    for _ in range(10):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n * 4 / statistics.median(times)
 
 
 def main():
