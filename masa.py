@@ -190,6 +190,16 @@ def expert_target(response: str, prediction: MetaPrediction, correct_lengths: li
     return reasoning + "\n" + json.dumps(target, ensure_ascii=False)
 
 
+def uninformative_meta_target(rng, group_size: int, max_length: int, notions: list[str]) -> str:
+    """A meta-path response in the exact format rewards.parse_meta reads, whose values carry no
+    information about any problem: pass rate uniform on 0..G, length uniform on 1..max_length, one
+    or two notions drawn from `notions`. A supervised warm start on these teaches the format only,
+    so whatever calibration appears later was learned from the meta rewards. rng: random.Random."""
+    target = {"math_notion": rng.sample(notions, k=min(len(notions), rng.randint(1, 2))),
+              "pass_rate": rng.randint(0, group_size), "solution_length": rng.randint(1, max_length)}
+    return "<meta></meta>\n" + json.dumps(target, ensure_ascii=False)
+
+
 def gating_precision(gated: list[bool], zero_variance: list[bool]) -> float | None:
     """Audit: of the gated prompts, the fraction whose real solution rollouts (run anyway, outside the
     loss) all got the same reward. None when nothing was gated."""

@@ -461,10 +461,12 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
             "time_logprobs_backward": backward_done - started, "time_optimizer": time.perf_counter() - backward_done}
 
 
-def behaviour_cloning(cfg: Config, env: Env, policy: Qwen3, optimizer, experts: list) -> float:
-    """One supervised step on expert meta trajectories: mean NLL of the target tokens (prompt masked),
-    at efficient.bc_lr through the same AdamW (its learning rate is set for this step only)."""
-    batch = [Sequence(p, t, 1.0) for p, t in experts]
+def supervised_step(cfg: Config, env: Env, policy: Qwen3, optimizer, pairs: list, lr: float) -> float:
+    """One supervised step on (prompt ids, target ids) pairs: the mean NLL of the target tokens over
+    all ranks (prompts masked), gradient-norm clipped, taken through `optimizer` at learning rate `lr`
+    (the optimizer's own rate is restored afterwards). Non-finite: skipped, weights untouched.
+    Returns the loss. Used for behaviour cloning on expert meta trajectories."""
+    batch = [Sequence(p, t, 1.0) for p, t in pairs]
     tokens = all_reduce([sum(len(s.response) for s in batch)], env)[0]
     total = 0.0
     for part in _same_count(micro_batches(batch, cfg.train.micro_batch_tokens), env):
@@ -478,16 +480,16 @@ def behaviour_cloning(cfg: Config, env: Env, policy: Qwen3, optimizer, experts: 
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     total = all_reduce([total], env)[0]
-    if not (np.isfinite(total) and np.isfinite(grad_norm)):  # as in the RL step: skip, weights untouched
+    if not (np.isfinite(total) and np.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return total
-    lrs = [g["lr"] for g in optimizer.param_groups]
+    rates = [g["lr"] for g in optimizer.param_groups]
     for g in optimizer.param_groups:
-        g["lr"] = cfg.efficient.bc_lr
+        g["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
+    for g, rate in zip(optimizer.param_groups, rates):
+        g["lr"] = rate
     return total
 
 
@@ -635,7 +637,7 @@ def train(cfg: Config):
                     chosen = set(everything[:cfg.efficient.bc_batch_size])
                     mine = [(p, t) for st, g, p, t in bc_buffer if (st, g) in chosen]
                     bc_buffer = [e for e in bc_buffer if tuple(e[:2]) not in chosen]
-                    metrics["bc_loss"] = behaviour_cloning(cfg, env, policy, optimizer, mine)
+                    metrics["bc_loss"] = supervised_step(cfg, env, policy, optimizer, mine, cfg.efficient.bc_lr)
             refresh_actor(actor, policy)
             t3 = time.perf_counter()
             record = {"step": step + 1, **_reduce_metrics(data.metrics, env), **metrics, "time_refresh": t3 - t2}

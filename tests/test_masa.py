@@ -9,7 +9,7 @@ import torch
 from config import Config, ConfigError, load_config
 from masa import (LossScale, cutoff_budgets, cutoff_precision, expert_target, gate, gating_precision,
                   group_advantages, hint_notions, meta_prompt, policy_loss, predicted_pass_rates,
-                  select_expert, solution_prompt)
+                  select_expert, solution_prompt, uninformative_meta_target)
 from rewards import MetaPrediction, parse_meta
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,3 +173,16 @@ def test_solution_prompt_with_and_without_a_hint():
 def test_templates_must_keep_their_placeholders():
     with pytest.raises(ConfigError, match="'prompt.meta' must contain {group_size}"):
         load_config(None, ["prompt.meta=Predict {problem} in {max_length} tokens"])
+
+
+def test_uninformative_meta_targets_parse_and_spread_over_their_ranges():
+    import random
+
+    rng = random.Random(0)
+    parsed = [parse_meta(uninformative_meta_target(rng, 16, 64, ["carry", "borrow"]), 16, 64) for _ in range(2000)]
+    assert all(p is not None for p in parsed)
+    assert {p.pass_rate for p in parsed} == set(range(17))  # every value occurs: uniform on 0..G
+    assert min(p.solution_length for p in parsed) == 1 and max(p.solution_length for p in parsed) == 64
+    assert {tuple(sorted(p.notions)) for p in parsed} == {("carry",), ("borrow",), ("borrow", "carry")}
+    counts = [sum(p.pass_rate == v for p in parsed) for v in range(17)]
+    assert max(counts) / min(counts) < 2  # roughly flat, about 118 each

@@ -185,7 +185,8 @@ def test_behaviour_cloning_lowers_the_nll_of_the_expert_target(assets, one_proce
     policy = train.build_policy(cfg, one_process_group)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     experts = [([1, 5, 9], [20, 21, 22, 23]), ([1, 7], [30, 31])]
-    losses = [train.behaviour_cloning(cfg, one_process_group, policy, optimizer, experts) for _ in range(3)]
+    losses = [train.supervised_step(cfg, one_process_group, policy, optimizer, experts, cfg.efficient.bc_lr)
+              for _ in range(3)]
     assert losses[2] < losses[0]
     assert [g["lr"] for g in optimizer.param_groups] == [1e-6]  # restored after each BC step
 
