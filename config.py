@@ -37,13 +37,18 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "Qwen/Qwen3-8B-Base"  # local checkpoint directory or Hugging Face hub id
+    init: Literal["pretrained", "random"] = "pretrained"  # random: a new model of `preset`'s shape (demo)
+    preset: str = "tiny"  # model.PRESETS entry for init: random (its vocabulary fits the tokenizer)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # parameter dtype (optimizer state is fp32)
     activation_checkpointing: bool = True  # recompute each block in backward
 
 
 @dataclass
 class DataConfig:
-    train_path: str = "data/deepscaler.jsonl"  # JSONL or parquet of training problems
+    source: Literal["file", "arithmetic"] = "file"  # arithmetic: data.arithmetic_problems (the CPU demo)
+    train_path: str = "data/deepscaler.jsonl"  # JSONL or parquet of training problems (source: file)
+    arithmetic_count: int = 4000  # problems generated when source: arithmetic
+    arithmetic_digits: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # difficulties
     problem_key: str = "problem"  # field holding the problem text
     answer_key: str = "answer"  # field holding the gold answer
     shuffle: bool = True  # reshuffle the training problems every epoch
@@ -59,6 +64,17 @@ class RolloutConfig:
     max_prompt_tokens: int = 2048
     max_response_tokens: int = 8192  # also the length range the meta prompt states
     slots: int = 0  # sequences decoded at once per process; 0 sizes the KV pool from free GPU memory
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised steps before RL on the problems' reference solutions, plus meta-path examples whose
+    values carry no information (masa.uninformative_meta_target). Off for the paper's runs."""
+    steps: int = 0  # 0: no warm start
+    lr: float = 3e-3  # its own AdamW, linear warmup then constant
+    warmup_steps: int = 50
+    batch_size: int = 64  # examples per step
+    meta_fraction: float = 0.25  # share of examples from the meta path
 
 
 @dataclass
@@ -164,6 +180,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -232,6 +249,10 @@ _RULES = [
     ("rollout.max_response_tokens", lambda v: v >= 1, "at least 1"),
     ("rollout.slots", lambda v: v >= 0, "at least 0 (0: sized from free memory)"),
     ("train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("warm_start.steps", lambda v: v >= 0, "at least 0"),
+    ("warm_start.batch_size", lambda v: v >= 1, "at least 1"),
+    ("warm_start.meta_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data.arithmetic_count", lambda v: v >= 1, "at least 1"),
     ("train.total_steps", lambda v: v >= 0, "at least 0"),
     ("train.ppo_epochs", lambda v: v >= 1, "at least 1"),
     ("train.mini_batches", lambda v: v >= 1, "at least 1"),

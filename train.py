@@ -44,8 +44,8 @@ import yaml
 
 import masa
 from config import Config, load_config, to_dict
-from data import chat_ids, load_problems, stop_token_ids
-from model import Qwen3
+from data import ARITHMETIC_WORDS, arithmetic_problems, build_char_tokenizer, chat_ids, load_problems, stop_token_ids
+from model import PRESETS, Qwen3
 from rewards import GraderPool, Outcome, grade_batch, meta_reward, parse_meta
 from rollout import SamplingParams, generate
 
@@ -82,12 +82,35 @@ def setup_distributed() -> Env:
     return Env(dist.get_rank(), dist.get_world_size(), device)
 
 
-def build_policy(cfg: Config, env: Env) -> Qwen3:
+def initial_model(cfg: Config, env: Env) -> str:
+    """The checkpoint training starts from: model.path, or for model.init: random a new model of
+    model.preset's shape with a character tokenizer, written once to checkpoint.dir/initial (the CPU
+    demo), so that every later step loads it exactly as it would load a pretrained checkpoint."""
+    if cfg.model.init == "pretrained":
+        return cfg.model.path
+    from dataclasses import replace
+
+    path = Path(cfg.checkpoint.dir) / "initial"
+    if env.main and not (path / "config.json").is_file():
+        tokenizer = build_char_tokenizer(path, words=ARITHMETIC_WORDS)
+        torch.manual_seed(cfg.train.seed)
+        Qwen3(replace(PRESETS[cfg.model.preset], vocab_size=len(tokenizer))).save_pretrained(path)
+    dist.barrier()
+    return str(path)
+
+
+def training_problems(cfg: Config) -> list[dict]:
+    if cfg.data.source == "arithmetic":
+        return arithmetic_problems(cfg.data.arithmetic_count, cfg.train.seed, tuple(cfg.data.arithmetic_digits))
+    return load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
+
+
+def build_policy(cfg: Config, env: Env, path: str | None = None) -> Qwen3:
     """The trained model: float32 master weights sharded with FSDP2 per block and at the root; on
     CUDA with bfloat16 the forward and backward run in bf16 and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = Qwen3.from_pretrained(cfg.model.path, dtype=torch.float32, device=env.device)
+    policy = Qwen3.from_pretrained(path or cfg.model.path, dtype=torch.float32, device=env.device)
     policy.activation_checkpointing = cfg.model.activation_checkpointing
     low = getattr(torch, cfg.model.dtype)
     mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low != torch.float32 else None
@@ -172,7 +195,7 @@ def seed_for(cfg: Config, step: int, rank: int, purpose: int) -> int:
     return int(np.random.SeedSequence([cfg.train.seed, step, rank, purpose]).generate_state(1)[0])
 
 
-SEED_JOINT, SEED_SOLUTION, SEED_HINTS, SEED_AUDIT_GATED, SEED_AUDIT_CUT, SEED_VALIDATION = range(6)
+SEED_JOINT, SEED_SOLUTION, SEED_HINTS, SEED_AUDIT_GATED, SEED_AUDIT_CUT, SEED_VALIDATION, SEED_WARM_START = range(7)
 
 
 def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: GraderPool,
@@ -493,6 +516,37 @@ def supervised_step(cfg: Config, env: Env, policy: Qwen3, optimizer, pairs: list
     return total
 
 
+def warm_start(cfg: Config, env: Env, policy: Qwen3, tokenizer, problems: list[dict], bar=None) -> float:
+    """The supervised warm start (warm_start.*): each step, warm_start.batch_size examples over all
+    ranks, a problem's reference solution or (a meta_fraction of them) an uninformative meta-path
+    response, through an AdamW of its own so RL starts with fresh optimizer state. Returns the last loss."""
+    w = cfg.warm_start
+    if any("solution" not in p for p in problems):
+        raise ValueError("warm_start.steps > 0 needs a 'solution' field on every training problem")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=w.lr, weight_decay=0.0)
+    G, max_new = cfg.rollout.group_size, cfg.rollout.max_response_tokens
+    eos = tokenizer.eos_token_id
+    loss = float("nan")
+    for step in range(w.steps):
+        rng = random.Random(seed_for(cfg, step, env.rank, SEED_WARM_START))
+        pairs = []
+        for _ in range(w.batch_size // env.world):
+            p = rng.choice(problems)
+            if rng.random() < w.meta_fraction:
+                prompt = chat_ids(tokenizer, masa.meta_prompt(p["problem"], cfg.prompt.meta, G, max_new))
+                target = masa.uninformative_meta_target(rng, G, max_new, list(ARITHMETIC_WORDS[:2]))
+            else:
+                prompt = solution_prompt_ids(tokenizer, cfg, p["problem"])
+                target = p["solution"]
+            pairs.append((prompt, tokenizer.encode(target, add_special_tokens=False) + [eos]))
+        lr = w.lr * min(1.0, (step + 1) / max(1, w.warmup_steps))
+        loss = supervised_step(cfg, env, policy, optimizer, pairs, lr)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -574,8 +628,9 @@ def train(cfg: Config):
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
+    model_path = initial_model(cfg, env)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    problems = training_problems(cfg)
     kept = [p for p in problems if fits(tokenizer, cfg, p["problem"])]
     if not kept:
         raise ValueError(f"no problem in {cfg.data.train_path} fits rollout.max_prompt_tokens="
@@ -584,11 +639,11 @@ def train(cfg: Config):
         print(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose prompts exceed "
               f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
     problems = kept
-    policy = build_policy(cfg, env)
-    actor = Qwen3.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=env.device).eval()
+    policy = build_policy(cfg, env, model_path)
+    actor = Qwen3.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype), device=env.device).eval()
     reference = None  # the frozen initial policy, for the KL term only (another bf16 copy of the weights)
     if cfg.loss.kl_coef:
-        reference = Qwen3.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=env.device)
+        reference = Qwen3.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype), device=env.device)
         reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
@@ -600,6 +655,16 @@ def train(cfg: Config):
         start, extra = resumed
         bc_buffer = extra.get("bc_buffer", [])
         refresh_actor(actor, policy)
+    elif cfg.warm_start.steps:  # checkpointed as step 0, so a resumed run never repeats it
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.warm_start.steps, desc="warm start", unit="step") if env.main and cfg.log.progress_bar \
+            else None
+        warm_start(cfg, env, policy, tokenizer, problems, bar)
+        if bar:
+            bar.close()
+        refresh_actor(actor, policy)
+        save_checkpoint(cfg, env, 0, policy, optimizer, scheduler, actor, tokenizer, {"bc_buffer": [], "data_position": 0})
     metrics_file = Path(cfg.checkpoint.dir) / "metrics.jsonl"
     if env.main:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)

@@ -239,3 +239,20 @@ def replace_algorithm(cfg, algorithm):
     import dataclasses
 
     return dataclasses.replace(cfg, algorithm=algorithm)
+
+
+def test_the_cpu_demo_config_runs_a_warm_start_then_rl(tmp_path):
+    """configs/tiny.yaml end to end, shortened: a random model and tokenizer are built, warm-started on
+    reference solutions and uninformative meta examples (checkpointed as step 0), then trained."""
+    command = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "tiny.yaml"),
+               f"checkpoint.dir={tmp_path / 'run'}", "warm_start.steps=5", "train.total_steps=1",
+               "train.batch_size=2", "rollout.group_size=4", "rollout.meta_group_size=2", "log.progress_bar=false"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_000000", "step_000001"]
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert record["solution_rollouts"] == 8 and record["meta_tokens"] > 0
+    initial = Qwen3.from_pretrained(tmp_path / "run" / "initial")
+    warmed = Qwen3.from_pretrained(tmp_path / "run" / "step_000000" / "model")
+    assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), warmed.state_dict().values()))
