@@ -191,6 +191,43 @@ def plot_calibration(name: str, records: list[dict], n: int, out: Path):
     plt.close(fig)
 
 
+def plot_training(metrics_file: Path, out: Path, window: int = 10) -> Path | None:
+    """A training run's curves from its metrics.jsonl: solution reward and accuracy, meta reward, and
+    the pass-rate error of the meta predictions (lower is better calibrated), as moving averages over
+    `window` steps. Returns the PNG path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no training plot (pip install matplotlib)")
+        return None
+    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+
+    def curve(key):
+        values = np.array([r.get(key, float("nan")) for r in records], dtype=float)
+        smooth = [np.nanmean(values[max(0, i - window + 1):i + 1]) if np.isfinite(values[max(0, i - window + 1):i + 1]).any()
+                  else np.nan for i in range(len(values))]
+        return np.array(smooth)
+
+    panels = [("solution path", ["reward", "accuracy"]), ("meta path", ["meta_reward", "meta_parse_failures"]),
+              ("calibration", ["pass_rate_mae"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            if any(key in r for r in records):
+                ax.plot(steps, curve(key), label=key)
+        ax.set(title=title, xlabel="step")
+        ax.legend()
+    fig.suptitle(f"{Path(metrics_file).parent.name}: moving averages over {window} steps")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command
 

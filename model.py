@@ -327,7 +327,8 @@ class Qwen3(nn.Module):
         if targets is not None:
             import kernels
 
-            return kernels.linear_token_logprobs(x, self.output_weight, targets, temperature)
+            logprobs, entropy = kernels.linear_token_logprobs(x, self.output_weight, targets, temperature)
+            return logprobs.clone(), entropy.clone()  # not views: FSDP's backward hooks need fresh outputs
         return x if return_hidden else self.logits(x)
 
     # -- checkpoints ---------------------------------------------------------------------------------

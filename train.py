@@ -728,6 +728,12 @@ def train(cfg: Config):
             bar.close()
         if wandb_run:
             wandb_run.finish()
+    if env.main:
+        from eval import plot_training
+
+        png = plot_training(metrics_file, Path(cfg.checkpoint.dir) / "curves.png")
+        if png:
+            print(f"training curves: {png}")
 
 
 def _ratio(hits: float, total: float) -> float:
