@@ -47,3 +47,17 @@ def hf_checkpoint(tmp_path):
         hf.save_pretrained(path, **save_kwargs)
         return hf, path
     return build
+
+
+def make_tiny_checkpoint(directory):
+    """A tiny random Qwen3 (seed 0) with a character tokenizer, saved where train.py and eval.py
+    load real checkpoints from."""
+    from dataclasses import replace
+
+    from data import build_char_tokenizer
+    from model import PRESETS, Qwen3
+
+    build_char_tokenizer(directory)
+    torch.manual_seed(0)
+    Qwen3(replace(PRESETS["tiny"], vocab_size=128)).save_pretrained(directory)
+    return directory

@@ -4,16 +4,15 @@ command on a tiny random model, and the loaders on the shared data and on malfor
 import itertools
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from data import build_char_tokenizer, load_problems
+from conftest import make_tiny_checkpoint
+from data import load_problems
 from eval import main, markdown, pass_at_k, spearman, summarize
-from model import PRESETS, Qwen3
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -95,9 +94,7 @@ def test_summary_against_a_hand_recount():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    build_char_tokenizer(root / "model")
-    torch.manual_seed(0)
-    Qwen3(replace(PRESETS["tiny"], vocab_size=128)).save_pretrained(root / "model")
+    make_tiny_checkpoint(root / "model")
     with open(root / "five.jsonl", "w") as f:
         for a in range(5):
             f.write(json.dumps({"id": f"p{a}", "problem": f"What is {a}+1?", "answer": str(a + 1)}) + "\n")

@@ -6,14 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from data import build_char_tokenizer, chat_ids, stop_token_ids
-from model import PRESETS, Qwen3
+from conftest import make_tiny_checkpoint
+from data import chat_ids, stop_token_ids
+from model import Qwen3
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "test_tiny.yaml"
@@ -23,9 +23,7 @@ CONFIG = ROOT / "configs" / "test_tiny.yaml"
 def assets(tmp_path_factory):
     """A tiny random Qwen3 with a character tokenizer, and a few arithmetic problems."""
     root = tmp_path_factory.mktemp("assets")
-    build_char_tokenizer(root / "model")
-    torch.manual_seed(0)
-    Qwen3(replace(PRESETS["tiny"], vocab_size=128)).save_pretrained(root / "model")
+    make_tiny_checkpoint(root / "model")
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(root / "model")  # the tokenizer files survived save_pretrained
