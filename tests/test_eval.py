@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_tiny_checkpoint
 from data import load_problems
