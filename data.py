@@ -70,7 +70,8 @@ def build_char_tokenizer(path: str | Path, characters: str | None = None, words:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     characters = characters or "".join(c for c in string.printable if c not in "\x0b\x0c\r")
-    words = sorted(set(words), key=len, reverse=True)  # longest first, so "carry" wins over "c"
+    words = sorted(set(words), key=lambda w: (-len(w), w))  # longest first, so "carry" wins over "c"; ids
+    # must not depend on set order (hash-randomized per process)
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + words + sorted(set(characters) - set(words)))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     pattern = "|".join([re.escape(w) for w in words] + [r"[\s\S]"])  # any character, newlines included
@@ -86,7 +87,11 @@ def build_char_tokenizer(path: str | Path, characters: str | None = None, words:
 # ---------------------------------------------------------------------------------------------------
 # The synthetic task of the CPU demo (DESIGN.md §5)
 
-ARITHMETIC_WORDS = ["carry", "borrow", "\\boxed{"]  # single tokens: solutions stay short, notions stay visible
+ARITHMETIC_NOTIONS = ["carry", "borrow"]
+# Single tokens of the demo's tokenizer: solutions stay short and notions stay visible, and a meta
+# response (`<meta></meta>` and its JSON object) takes about 32 tokens, well inside the response budget.
+ARITHMETIC_WORDS = [*ARITHMETIC_NOTIONS, "\\boxed{", "<meta>", "</meta>", '"math_notion"', '"pass_rate"',
+                    '"solution_length"']
 
 
 def arithmetic_solution(a: int, b: int, op: str) -> str:

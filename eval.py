@@ -12,11 +12,14 @@ For every benchmark it prints and writes (to --out): pass@1 (the mean over the n
 by the unbiased estimator, the standard error of pass@1 across problems, the mean response length
 and the fraction of responses with no \\boxed{} answer; `samples.json` holds every response with
 its extracted answer and grade. With --meta it also draws --meta-n predictions per problem from the
-meta prompt (config.py's template, stating the group size n and the response budget) and reports
+meta prompt (stating the group size n and the response budget) and reports
 the calibration of the predicted pass rate (mean absolute error and Spearman correlation against
 the empirical one), the fraction of predicted lengths inside [min, max] of the correct responses'
 lengths, the notion score (rewards.meta_reward's notion part), the parse-failure rate, and scatter
 plots (PNG, when matplotlib is installed). Results depend only on --seed and the number of ranks.
+
+Prompts use the templates of the run that trained the model: --config, else the config.yaml that
+train.py saves beside every checkpoint's model/ directory, else the paper's (config.py's defaults).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 
 import masa
-from config import Config
+from config import PromptConfig, load_config
 from data import chat_ids, load_problems, stop_token_ids
 from model import Qwen3
 from rewards import GraderPool, Outcome, extract_answer, grade_batch, meta_reward, parse_meta
@@ -71,9 +74,10 @@ def spearman(x: list[float], y: list[float]) -> float:
 # One benchmark
 
 
-def sample_problems(model, tokenizer, problems, args, pool, seed) -> list[dict]:
-    """Responses (and with --meta, predictions) for `problems`, graded: one record per problem."""
-    template = Config().prompt
+def sample_problems(model, tokenizer, problems, args, pool, seed, template: PromptConfig | None = None) -> list[dict]:
+    """Responses (and with --meta, predictions) for `problems`, graded: one record per problem.
+    `template`: the prompt templates (config.py's PromptConfig; default: the paper's)."""
+    template = template or PromptConfig()
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
     prompts = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], template.solution)) for p in problems]
@@ -258,6 +262,9 @@ def main(argv=None):
     parser.add_argument("--meta", action="store_true", help="also measure meta-prediction calibration")
     parser.add_argument("--meta-n", type=int, default=16, help="meta predictions per problem")
     parser.add_argument("--meta-max-new-tokens", type=int, default=2048)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="training config whose prompt templates to use (default: the config.yaml saved "
+                             "next to --model by train.py, else the paper's templates)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("eval_results"))
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -279,13 +286,18 @@ def main(argv=None):
     model = Qwen3.from_pretrained(args.model, dtype=dtype, device=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data_dir = args.data_dir or default_data_dir()
+    saved = Path(args.model).parent / "config.yaml"
+    config_file = args.config or (saved if saved.is_file() else None)
+    template = load_config(config_file).prompt if config_file else PromptConfig()
+    if config_file and rank == 0:
+        print(f"prompt templates from {config_file}")
     results, samples = {}, {}
     args.progress = args.progress and rank == 0
     with GraderPool() as pool:
         for name in args.benchmarks.split(","):
             problems = load_problems(benchmark_file(name, data_dir))
             mine = problems[rank::world]
-            records = sample_problems(model, tokenizer, mine, args, pool, args.seed * 1009 + rank)
+            records = sample_problems(model, tokenizer, mine, args, pool, args.seed * 1009 + rank, template)
             if distributed:
                 gathered = [None] * world
                 dist.all_gather_object(gathered, records)

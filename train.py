@@ -44,7 +44,8 @@ import yaml
 
 import masa
 from config import Config, load_config, to_dict
-from data import ARITHMETIC_WORDS, arithmetic_problems, build_char_tokenizer, chat_ids, load_problems, stop_token_ids
+from data import (ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, arithmetic_problems, build_char_tokenizer, chat_ids,
+                  load_problems, stop_token_ids)
 from model import PRESETS, Qwen3
 from rewards import GraderPool, Outcome, grade_batch, meta_reward, parse_meta
 from rollout import SamplingParams, generate
@@ -526,19 +527,24 @@ def warm_start(cfg: Config, env: Env, policy: Qwen3, tokenizer, problems: list[d
     optimizer = torch.optim.AdamW(policy.parameters(), lr=w.lr, weight_decay=0.0)
     G, max_new = cfg.rollout.group_size, cfg.rollout.max_response_tokens
     eos = tokenizer.eos_token_id
+    encoded = {}  # problem index -> (solution prompt, solution target, meta prompt): the chat template is slow
+
+    def example(i: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        if i not in encoded:
+            p = problems[i]
+            encoded[i] = (solution_prompt_ids(tokenizer, cfg, p["problem"]),
+                          tokenizer.encode(p["solution"], add_special_tokens=False) + [eos],
+                          chat_ids(tokenizer, masa.meta_prompt(p["problem"], cfg.prompt.meta, G, max_new)))
+        solution_prompt, solution, meta_prompt = encoded[i]
+        if rng.random() < w.meta_fraction:
+            target = masa.uninformative_meta_target(rng, G, max_new, ARITHMETIC_NOTIONS)
+            return meta_prompt, tokenizer.encode(target, add_special_tokens=False) + [eos]
+        return solution_prompt, solution
+
     loss = float("nan")
     for step in range(w.steps):
         rng = random.Random(seed_for(cfg, step, env.rank, SEED_WARM_START))
-        pairs = []
-        for _ in range(w.batch_size // env.world):
-            p = rng.choice(problems)
-            if rng.random() < w.meta_fraction:
-                prompt = chat_ids(tokenizer, masa.meta_prompt(p["problem"], cfg.prompt.meta, G, max_new))
-                target = masa.uninformative_meta_target(rng, G, max_new, list(ARITHMETIC_WORDS[:2]))
-            else:
-                prompt = solution_prompt_ids(tokenizer, cfg, p["problem"])
-                target = p["solution"]
-            pairs.append((prompt, tokenizer.encode(target, add_special_tokens=False) + [eos]))
+        pairs = [example(rng.randrange(len(problems)), rng) for _ in range(w.batch_size // env.world)]
         lr = w.lr * min(1.0, (step + 1) / max(1, w.warmup_steps))
         loss = supervised_step(cfg, env, policy, optimizer, pairs, lr)
         if bar is not None:

@@ -1,9 +1,11 @@
 """data.py: the synthetic arithmetic task (its solutions are right, by Python's arithmetic and by the
 project's own grader) and the tokenizer (round trips, single-token words, chat template)."""
 
+from pathlib import Path
+
 import pytest
 
-from data import ARITHMETIC_WORDS, arithmetic_problems, arithmetic_solution, build_char_tokenizer
+from data import ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, arithmetic_problems, arithmetic_solution, build_char_tokenizer
 from rewards import extract_answer, grade
 
 
@@ -36,8 +38,44 @@ def test_tokenizer_keeps_words_whole_and_round_trips(tmp_path):
     assert tokenizer.decode(ids) == text
     pieces = tokenizer.convert_ids_to_tokens(ids)
     assert pieces.count("borrow") == text.count("borrow") and "\\boxed{" in pieces
-    assert len(ids) == len(text) - text.count("borrow") * 5 - text.count("\\boxed{") * 6
+    assert len(ids) == len(text) - text.count("borrow") * 5 - text.count("\\boxed{") * 6 - len('"math_notion"') \
+        - len('"pass_rate"') + 2
     assert "<unk>" not in pieces
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "7+5"}], add_generation_prompt=True,
                                          tokenize=False)
     assert chat == "<|im_start|>user\n7+5<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tokenizer_ids_do_not_depend_on_the_process(tmp_path):
+    """Words of equal length once got ids in set order, which Python randomizes per process: the same
+    seed then trained different models. Two processes with different hash seeds must agree."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    for hash_seed in ("0", "1"):
+        code = (f"from data import ARITHMETIC_WORDS, build_char_tokenizer; "
+                f"build_char_tokenizer({str(tmp_path / hash_seed)!r}, words=ARITHMETIC_WORDS)")
+        subprocess.run([sys.executable, "-c", code], cwd=root, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    vocab = [json.loads((tmp_path / s / "tokenizer.json").read_text())["model"]["vocab"] for s in ("0", "1")]
+    assert vocab[0] == vocab[1]
+
+
+def test_an_uninformative_meta_response_fits_the_demo_budget_and_parses(tmp_path):
+    import random
+
+    from config import load_config
+    from masa import uninformative_meta_target
+    from rewards import parse_meta
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+    G, budget = cfg.rollout.group_size, cfg.rollout.max_response_tokens
+    tokenizer = build_char_tokenizer(tmp_path / "tok", words=ARITHMETIC_WORDS)
+    rng = random.Random(0)
+    for _ in range(200):
+        text = uninformative_meta_target(rng, G, budget, ARITHMETIC_NOTIONS)
+        assert len(tokenizer.encode(text, add_special_tokens=False)) + 1 <= budget  # + end of turn
+        assert parse_meta(text, G, budget) is not None
