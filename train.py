@@ -46,7 +46,7 @@ import masa
 from config import Config, load_config, to_dict
 from data import (ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, arithmetic_problems, build_char_tokenizer, chat_ids,
                   load_problems, stop_token_ids)
-from model import PRESETS, Qwen3
+from model import PRESETS, Qwen3, Qwen3Config, _read_config
 from rewards import GraderPool, Outcome, grade_batch, meta_reward, parse_meta
 from rollout import SamplingParams, generate
 
@@ -694,6 +694,7 @@ def train(cfg: Config):
         bar = tqdm(total=cfg.train.total_steps, initial=start, desc=f"{cfg.algorithm}", unit="step")
     try:
         for step in range(start, cfg.train.total_steps):
+            t0 = time.perf_counter()
             data = collect(cfg, step, env, actor, tokenizer, pool, step_problems(problems, cfg, step, env))
             metrics = update(cfg, env, policy, optimizer, scheduler, data, reference)
             t2 = time.perf_counter()
@@ -711,7 +712,8 @@ def train(cfg: Config):
                     metrics["bc_loss"] = supervised_step(cfg, env, policy, optimizer, mine, cfg.efficient.bc_lr)
             refresh_actor(actor, policy)
             t3 = time.perf_counter()
-            record = {"step": step + 1, **_reduce_metrics(data.metrics, env), **metrics, "time_refresh": t3 - t2}
+            record = {"step": step + 1, **_reduce_metrics(data.metrics, env), **metrics, "time_refresh": t3 - t2,
+                      "time_step": t3 - t0}  # the whole step: rollouts, grading, update, BC, refresh
             if "audit_gated" in record:  # the fraction of gated prompts / cut rollouts the audit confirmed
                 record["gating_precision"] = _ratio(record["audit_gated_zero_variance"], record["audit_gated"])
                 record["cutoff_precision"] = _ratio(record["audit_cut_wrong"], record["audit_cut"])
@@ -776,12 +778,130 @@ def _truncate_metrics(file: Path, step: int):
     os.replace(tmp, file)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The memory plan: what one GPU holds, from the config and the model's shape alone
+
+
+GIB = 1024 ** 3
+
+
+def model_shape(cfg: Config) -> tuple[Qwen3Config, str]:
+    """The model's Qwen3Config without loading or downloading weights: the local checkpoint's
+    config.json, else the preset named by a hub id such as Qwen/Qwen3-8B-Base, else model.preset
+    (init: random)."""
+    import re
+
+    if cfg.model.init == "random":
+        return PRESETS[cfg.model.preset], f"model.PRESETS[{cfg.model.preset!r}]"
+    local = Path(cfg.model.path).expanduser()
+    if (local / "config.json").is_file():
+        return _read_config(local)[0], str(local / "config.json")
+    size = re.search(r"Qwen3-(\d+(?:\.\d+)?B)", cfg.model.path)
+    if size and size.group(1) in PRESETS:
+        return PRESETS[size.group(1)], f"model.PRESETS[{size.group(1)!r}] (the shape of {cfg.model.path})"
+    raise ValueError(f"cannot tell the shape of model.path={cfg.model.path!r} without downloading it: set "
+                     f"model.path to a local checkpoint directory (with config.json) or a Qwen3 hub id")
+
+
+def activation_bytes_per_token(c: Qwen3Config, dtype_bytes: int) -> tuple[int, int]:
+    """(one block, the final norm and fused log-prob head): bytes autograd saves per token in a
+    training forward on a GPU, read off model.py. Per block: each RMSNorm keeps its fp32 input,
+    1/rms and the normalized output; attention keeps q, k, v after q/k-norm and RoPE, its output, its
+    log-sum-exp (fp32 per head) and o_proj's contiguous input; SwiGLU keeps gate, silu(gate), up and
+    their product. The head keeps the final norm's tensors and the hidden states (the fused kernel
+    recomputes logits in backward; targets and two fp32 per token)."""
+    s, h, i = dtype_bytes, c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+
+    def norm(width, rows=1):
+        return 4 * width + 4 * rows + s * width
+
+    block = (2 * norm(h) + norm(q, c.num_attention_heads) + norm(kv, c.num_key_value_heads)
+             + s * (2 * q + 2 * kv) + 4 * c.num_attention_heads + s * q + 4 * s * i)
+    head = norm(h) + s * h + 8 + 8
+    return block, head
+
+
+def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float) -> dict:
+    """Per-GPU bytes of each thing a run of `cfg` on `gpus` GPUs holds, and the two peaks:
+    rollouts (master weights, Adam state, the bf16 rollout copy(ies), the KV pool) and the update
+    (the same minus the KV pool, plus gradients, gathered parameters in flight and activations).
+    Estimates from shapes: bench/gpu_check.sh measures a real step's peak."""
+    c, source = model_shape(cfg)
+    P = c.num_parameters()
+    s = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8  # bytes of the compute / rollout dtype
+    h, layers = c.hidden_size, c.num_hidden_layers
+    root = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h  # embedding, lm_head, final norm
+    block = (P - root) // layers
+    copies = 1 + (cfg.loss.kl_coef > 0)  # the rollout copy, and the frozen reference for the KL term
+    out = {"model": source, "parameters": P, "gpus": gpus, "gpu_memory": gpu_memory_gib * GIB}
+    out["master_weights"] = 4 * P / gpus  # fp32 FSDP shards
+    out["adam_state"] = 8 * P / gpus  # exp_avg and exp_avg_sq, fp32
+    out["gradients"] = 4 * P / gpus  # fp32 shards; freed by zero_grad(set_to_none=True) before rollouts
+    out["rollout_copies"] = copies * s * P
+    # FSDP2 gathers the root's parameters for the whole forward/backward and prefetches one block
+    # ahead; in backward each gathered block also holds its unsharded fp32 gradients until reduced.
+    out["gathered"] = (s + 4) * (root + 2 * block)
+    resident = out["master_weights"] + out["adam_state"] + out["rollout_copies"]
+    max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    per_slot = 2 * layers * c.num_key_value_heads * c.head_dim * max_len * s
+    free = out["gpu_memory"] - resident
+    slots = cfg.rollout.slots or max(0, int(0.6 * free) // per_slot)  # rollout._default_slots' rule
+    out.update(kv_per_slot=per_slot, slots=slots, kv_pool=slots * per_slot)
+    out["sequences_per_gpu"] = cfg.train.batch_size * (
+        cfg.rollout.group_size + (cfg.rollout.meta_group_size if cfg.algorithm != "grpo" else 0)) // gpus
+    tokens = max(cfg.train.micro_batch_tokens, max_len)  # a longer sequence gets a micro-batch of its own
+    per_block, head = activation_bytes_per_token(c, s)
+    out["micro_batch_tokens"] = tokens
+    out["activations_checkpointed"] = tokens * (layers * s * h + per_block + head)  # block inputs + one block
+    out["activations_full"] = tokens * (layers * per_block + head)
+    out["activations"] = out["activations_checkpointed" if cfg.model.activation_checkpointing else "activations_full"]
+    out["peak_rollout"] = resident + out["kv_pool"]
+    out["peak_update"] = resident + out["gradients"] + out["gathered"] + out["activations"]
+    out["fits"] = max(out["peak_rollout"], out["peak_update"]) <= 0.9 * out["gpu_memory"] - GIB and slots >= 1
+    return out
+
+
+def print_plan(cfg: Config, plan: dict):
+    g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
+    ckpt = "on" if cfg.model.activation_checkpointing else "off"
+    rows = [
+        ("FSDP shards: fp32 master weights (4 B/param / GPUs)", plan["master_weights"]),
+        ("FSDP shards: AdamW exp_avg + exp_avg_sq (8 B/param / GPUs)", plan["adam_state"]),
+        ("FSDP shards: fp32 gradients (4 B/param / GPUs; update only)", plan["gradients"]),
+        (f"full {cfg.model.dtype} rollout copy" + (" + KL reference" if cfg.loss.kl_coef else ""), plan["rollout_copies"]),
+        ("gathered params + unsharded grads in flight (root + 2 blocks)", plan["gathered"]),
+        (f"KV pool: {plan['slots']} slots x {cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens} tokens "
+         f"({plan['kv_per_slot'] / GIB:.2f} GiB each)", plan["kv_pool"]),
+        (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing on", plan["activations_checkpointed"]),
+        (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing off", plan["activations_full"]),
+    ]
+    print(f"memory plan per GPU: {plan['model']}, {plan['parameters']:,} parameters, {plan['gpus']} GPUs of "
+          f"{plan['gpu_memory'] / GIB:.0f} GiB")
+    for name, value in rows:
+        print(f"  {name:<78} {g(value)}")
+    print(f"  {'peak while sampling (shards + rollout copy + KV pool)':<78} {g(plan['peak_rollout'])}")
+    print(f"  {f'peak while updating (activation checkpointing {ckpt})':<78} {g(plan['peak_update'])}")
+    waves = -(-plan["sequences_per_gpu"] // max(plan["slots"], 1))
+    print(f"  {plan['sequences_per_gpu']} sequences per GPU per step in {waves} wave(s) of {plan['slots']} slots")
+    budget = 0.9 * plan["gpu_memory"] / GIB - 1
+    verdict = "yes" if plan["fits"] else "NO: lower the peak that exceeds the budget (see the rows above)"
+    print(f"fits: {verdict} (budget {budget:.1f} GiB: 90% of the GPU less 1 GiB for the CUDA context and "
+          f"allocator slack)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train with GRPO / MASA / MASA-efficient.")
     parser.add_argument("config", help="YAML file in configs/")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    parser.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs the plan assumes (default 8)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan assumes (default 80)")
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.plan:
+        print_plan(cfg, memory_plan(cfg, args.gpus, args.gpu_memory))
+        return
     try:
         train(cfg)
     finally:
