@@ -624,9 +624,11 @@ def normalize_notion(notion: str) -> str:
 
 
 def _mentions(text: str, notion: str) -> bool:
-    """Whether lower-cased `text` mentions `notion` (singular or a simple plural) as whole words."""
+    """Whether lower-cased `text` mentions `notion` (singular or a simple plural) as whole words. Only
+    letters end a word here: "13carry1" mentions carry (the CPU demo's solutions write it so), "scary"
+    does not mention "car"."""
     forms = {notion, notion + "s", notion + "es"} | ({notion[:-1] + "ies"} if notion.endswith("y") else set())
-    pattern = r"(?<![a-z0-9])(?:" + "|".join(re.escape(f) for f in forms) + r")(?![a-z0-9])"
+    pattern = r"(?<![a-z])(?:" + "|".join(re.escape(f) for f in forms) + r")(?![a-z])"
     return re.search(pattern, text) is not None
 
 

@@ -670,7 +670,8 @@ def train(cfg: Config):
         if bar:
             bar.close()
         refresh_actor(actor, policy)
-        save_checkpoint(cfg, env, 0, policy, optimizer, scheduler, actor, tokenizer, {"bc_buffer": [], "data_position": 0})
+        if cfg.checkpoint.every:
+            save_checkpoint(cfg, env, 0, policy, optimizer, scheduler, actor, tokenizer, {"bc_buffer": [], "data_position": 0})
     metrics_file = Path(cfg.checkpoint.dir) / "metrics.jsonl"
     if env.main:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -695,6 +696,8 @@ def train(cfg: Config):
     try:
         for step in range(start, cfg.train.total_steps):
             t0 = time.perf_counter()
+            if env.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(env.device)
             data = collect(cfg, step, env, actor, tokenizer, pool, step_problems(problems, cfg, step, env))
             metrics = update(cfg, env, policy, optimizer, scheduler, data, reference)
             t2 = time.perf_counter()
@@ -714,6 +717,8 @@ def train(cfg: Config):
             t3 = time.perf_counter()
             record = {"step": step + 1, **_reduce_metrics(data.metrics, env), **metrics, "time_refresh": t3 - t2,
                       "time_step": t3 - t0}  # the whole step: rollouts, grading, update, BC, refresh
+            if env.device.type == "cuda":  # this rank's peak; compare with `train.py CONFIG --plan`
+                record["memory_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / GIB
             if "audit_gated" in record:  # the fraction of gated prompts / cut rollouts the audit confirmed
                 record["gating_precision"] = _ratio(record["audit_gated_zero_variance"], record["audit_gated"])
                 record["cutoff_precision"] = _ratio(record["audit_cut_wrong"], record["audit_cut"])
@@ -727,7 +732,7 @@ def train(cfg: Config):
                 if bar:
                     bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
                     bar.update(1)
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps:
+            if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps):
                 save_checkpoint(cfg, env, step + 1, policy, optimizer, scheduler, actor, tokenizer,
                                 {"bc_buffer": bc_buffer, "data_position": (step + 1) * cfg.train.batch_size})
     finally:
@@ -846,10 +851,11 @@ def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float) -> dict:
     max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     per_slot = 2 * layers * c.num_key_value_heads * c.head_dim * max_len * s
     free = out["gpu_memory"] - resident
-    slots = cfg.rollout.slots or max(0, int(0.6 * free) // per_slot)  # rollout._default_slots' rule
-    out.update(kv_per_slot=per_slot, slots=slots, kv_pool=slots * per_slot)
     out["sequences_per_gpu"] = cfg.train.batch_size * (
         cfg.rollout.group_size + (cfg.rollout.meta_group_size if cfg.algorithm != "grpo" else 0)) // gpus
+    slots = cfg.rollout.slots or max(0, int(0.6 * free) // per_slot)  # rollout._default_slots' rule
+    slots = min(slots, out["sequences_per_gpu"])  # as rollout.generate: never more slots than sequences
+    out.update(kv_per_slot=per_slot, slots=slots, kv_pool=slots * per_slot)
     tokens = max(cfg.train.micro_batch_tokens, max_len)  # a longer sequence gets a micro-batch of its own
     per_block, head = activation_bytes_per_token(c, s)
     out["micro_batch_tokens"] = tokens

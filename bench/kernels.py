@@ -75,7 +75,9 @@ def fmt_mem(b):
     return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
 
 
-def main():
+def main(argv=None) -> dict:
+    """Prints the table; returns {"floor_ms", "logits_of_floor", "linear_memory_ratio", "linear_time_ratio"}
+    (ours against eager; None where not measured)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
     parser.add_argument("--tokens", type=int, default=None)
@@ -83,7 +85,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.cpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -146,6 +148,11 @@ def main():
         of_floor = f"{floor / seconds:.0%}" if problem == "logits" else ""
         print(f"| {problem} | {label} | {seconds * 1e3:.2f} | {fmt_mem(peak)} | {seconds / eager_s:.2f}x | "
               f"{mem_ratio} | {of_floor} |")
+    ours, linear, eager = (results.get(k) for k in [("logits", "ours (Triton)"), ("linear", "ours (chunked + Triton)"),
+                                                    ("linear", "eager")])
+    return {"floor_ms": floor * 1e3, "logits_of_floor": floor / ours[0] if ours else None,
+            "linear_memory_ratio": linear[1] / eager[1] if linear and eager and linear[1] is not None else None,
+            "linear_time_ratio": linear[0] / eager[0] if linear and eager else None}
 
 
 if __name__ == "__main__":

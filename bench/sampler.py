@@ -31,7 +31,8 @@ SMALL = replace(PRESETS["tiny"], vocab_size=2048, hidden_size=256, intermediate_
                 num_attention_heads=8, num_key_value_heads=4, head_dim=32)
 
 
-def main():
+def main(argv=None) -> dict:
+    """Prints the table; returns {"speedup", "of_floor", "identical", "tokens_per_s"} for ours."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--prompts", type=int)
@@ -42,7 +43,7 @@ def main():
     parser.add_argument("--hf-prompts", type=int, help="prompts transformers runs (default: all on a CPU, 4 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     big = device.type == "cuda"
     config = PRESETS["1.7B"] if big else SMALL
@@ -121,6 +122,7 @@ def main():
           f"{ours_rate:,.0f} | {ours_rate / hf_rate:.2f}x | {ours_rate / floor:.0%} |")
     print(f"identical greedy outputs on the sequences both ran: {same:.1%}; "
           f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, decode floor {floor:,.0f} tokens/s")
+    return {"speedup": ours_rate / hf_rate, "of_floor": ours_rate / floor, "identical": same, "tokens_per_s": ours_rate}
 
 
 if __name__ == "__main__":

@@ -407,6 +407,14 @@ def test_meta_reward_out_of_range_pass_rate_scores_zero_for_that_part():
     assert r["pass_rate"] == 0.0 and r["length"] == 1.0
 
 
+def test_notions_next_to_digits_are_mentioned_but_not_inside_other_words():
+    rollouts = outcomes((True, 9, "4+8+1=13carry1"), (False, 9, "the scary part"))
+    assert meta_reward(MetaPrediction(1, 9, ["carry"]), rollouts, "48+95", group_size=2)["notion"] == 1.0
+    assert meta_reward(MetaPrediction(1, 9, ["car"]), rollouts, "48+95", group_size=2)["notion"] == 0.0
+    wrong = outcomes((False, 9, "4+8+1=13carry1"), (True, 9, "12"))
+    assert meta_reward(MetaPrediction(1, 9, ["carry"]), wrong, "48+95", group_size=2)["notion"] == 0.0
+
+
 def test_notion_normalization():
     assert [normalize_notion(n) for n in ["Carries", "boxes", "Prime Numbers", " series ", "class", "radius",
                                           "matches", "sum."]] == \

@@ -1,0 +1,239 @@
+"""Every claim only a GPU can check, in one run that ends with one table (bench/gpu_check.sh calls this).
+
+    bench/gpu_check.sh                 # one CUDA GPU, about 6 minutes, nothing downloaded
+    bench/gpu_check.sh --cpu           # the same code paths at toy sizes (tests/test_gpu_check.py runs it)
+
+In order:
+1. ceilings: the device's copy bandwidth and matmul rate (bf16 on a GPU), measured once;
+2. kernel accuracy: kernels.token_logprobs and kernels.linear_token_logprobs (Triton) in fp32 and
+   bf16 (bf16 on a GPU only: the CPU interpreter gets bf16 arithmetic wrong) against float64
+   references on the same inputs at V = 151936 (2049 on a CPU): log-probs, entropy, gradients;
+3. bench/kernels.py and bench/sampler.py at the sizes their issues name (toy sizes on a CPU);
+4. a few MASA training steps (train.py, one process) on Qwen3-1.7B shapes with random weights and a
+   character tokenizer (real vocabulary size; responses run to their budget, as a random model's do),
+   with the paper's sequence lengths scaled down to fit the time: the step time split from
+   metrics.jsonl and the peak memory against `train.py --plan`'s prediction for the same run. A
+   random model's rewards are all 0, so every advantage is 0 and the update would skip every
+   response: a small entropy bonus keeps them all in the loss, the update's worst case.
+Performance goals are the issues' (kernels: >= 80% of the bandwidth floor, <= 1/8 of eager memory at
+<= 1.15x its time; sampler: >= 3x transformers, >= 60% of the decode floor); on a CPU they are
+reported, not judged. The accuracy bars: log-probs within 1e-3 (bf16) / 1e-4 (fp32) of float64,
+gradients within 1% (bf16) / 1e-5 (fp32) of the largest reference gradient. Exit status 1 if any
+judged check fails. The full log goes to --log.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class Tee(io.TextIOBase):
+    """Everything printed goes to the terminal and to the log file."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+            s.flush()
+        return len(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="toy sizes on the CPU (Triton interpreted)")
+    parser.add_argument("--log", type=Path, default=ROOT / "bench" / "gpu_check.log")
+    parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--response-tokens", type=int, default=None, help="training rollout budget")
+    args = parser.parse_args()
+    if args.cpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["MASA_KERNELS"] = "triton"
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run bench/gpu_check.sh --cpu for the toy-size run")
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    with args.log.open("w") as log, contextlib.redirect_stdout(Tee(sys.__stdout__, log)):
+        rows = run(args, torch)
+        print(f"\n{'check':<52} {'value':>16} {'goal':>14}  result")
+        for check, value, goal, ok in rows:
+            verdict = "-" if ok is None else ("pass" if ok else "FAIL")
+            print(f"{check:<52} {value:>16} {goal:>14}  {verdict}")
+        failed = [r[0] for r in rows if r[3] is False]
+        print(f"\n{len(failed)} of {sum(r[3] is not None for r in rows)} judged checks failed" +
+              (f": {', '.join(failed)}" if failed else "") + f"; full log: {args.log}")
+    sys.exit(1 if failed else 0)
+
+
+def run(args, torch) -> list[tuple]:
+    from bench.common import copy_bandwidth, sync
+
+    gpu = not args.cpu
+    device = torch.device("cuda" if gpu else "cpu")
+    name = torch.cuda.get_device_name() if gpu else "CPU (toy sizes; performance is reported, not judged)"
+    print(f"gpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    rows = []
+
+    # 1. ceilings ---------------------------------------------------------------------------------
+    bandwidth = copy_bandwidth(device)
+    n = 8192 if gpu else 256
+    dtype = torch.bfloat16 if gpu else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(12):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    flops = 2 * n ** 3 / statistics.median(times)
+    print(f"\n== ceilings: copy bandwidth {bandwidth / 1e9:,.0f} GB/s, {str(dtype)[6:]} matmul {flops / 1e12:,.1f} TFLOP/s")
+    rows.append(("copy bandwidth (GB/s)", f"{bandwidth / 1e9:,.0f}", "", None))
+    rows.append((f"{str(dtype)[6:]} matmul {n}^3 (TFLOP/s)", f"{flops / 1e12:,.1f}", "", None))
+
+    # 2. kernel accuracy against float64 -----------------------------------------------------------
+    print("\n== kernel accuracy against float64 references (same inputs)")
+    for dt in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
+        rows += kernel_accuracy(torch, device, dt, tokens=1024 if gpu else 32, vocab=151936 if gpu else 2049,
+                                hidden=2048 if gpu else 64)
+
+    # 3. the kernel and sampler benchmarks ---------------------------------------------------------
+    from bench import kernels as kernel_bench
+    from bench import sampler as sampler_bench
+
+    print("\n== bench/kernels.py" + (" --cpu --no-compile" if args.cpu else ""))
+    k = kernel_bench.main(["--cpu", "--no-compile"] if args.cpu else [])
+    judged = (lambda ok: ok) if gpu else (lambda ok: None)
+    rows.append(("logits kernel fwd+bwd, of bandwidth floor", _pct(k["logits_of_floor"]), ">= 80%",
+                 judged(k["logits_of_floor"] is not None and k["logits_of_floor"] >= 0.8)))
+    rows.append(("linear kernel peak memory vs eager", _x(k["linear_memory_ratio"]), "<= 0.125x",
+                 judged(k["linear_memory_ratio"] is not None and k["linear_memory_ratio"] <= 0.125)))
+    rows.append(("linear kernel time vs eager", _x(k["linear_time_ratio"]), "<= 1.15x",
+                 judged(k["linear_time_ratio"] is not None and k["linear_time_ratio"] <= 1.15)))
+    sampler_args = ["--cpu", "--repeats", "1", "--max-new-tokens", "16"] if args.cpu else ["--repeats", "1"]
+    print("\n== bench/sampler.py " + " ".join(sampler_args))
+    s = sampler_bench.main(sampler_args)
+    rows.append(("sampler vs transformers generate", _x(s["speedup"]), ">= 3x" if gpu else ">= 2x",
+                 judged(s["speedup"] >= 3)))
+    rows.append(("sampler, of decode floor", _pct(s["of_floor"]), ">= 60%", judged(s["of_floor"] >= 0.6)))
+    rows.append(("sampler greedy output identical to transformers", _pct(s["identical"]), "", None))
+
+    # 4. training steps on real shapes --------------------------------------------------------------
+    rows += training_steps(args, torch, gpu)
+    return rows
+
+
+def kernel_accuracy(torch, device, dtype, tokens: int, vocab: int, hidden: int) -> list[tuple]:
+    import kernels
+
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(tokens, vocab, device=device, generator=g) * 4).to(dtype).requires_grad_()
+    h = (torch.randn(tokens, hidden, device=device, generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device, generator=g) * hidden ** -0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device=device, generator=g)
+    tag = str(dtype)[6:]
+    bar, grad_bar = (1e-3, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-5)
+    rows = []
+    for label, ours_fn, inputs, ref_logits in [
+        ("logits", lambda: kernels.token_logprobs(logits, targets), [logits], lambda x: x[0]),
+        ("linear", lambda: kernels.linear_token_logprobs(h, w, targets), [h, w], lambda x: x[0] @ x[1].T),
+    ]:
+        logp, entropy = ours_fn()
+        grads = torch.autograd.grad((logp.sum() + 0.1 * entropy.sum()), inputs)
+        ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+        full = torch.log_softmax(ref_logits(ref_inputs), dim=-1)
+        ref_logp = full.gather(-1, targets[:, None]).squeeze(-1)
+        ref_entropy = -(full.exp() * full).sum(-1)
+        ref_grads = torch.autograd.grad(ref_logp.sum() + 0.1 * ref_entropy.sum(), ref_inputs)
+        err_logp = (logp.double() - ref_logp).abs().max().item()
+        err_entropy = (entropy.double() - ref_entropy).abs().max().item()
+        err_grad = max(((x.double() - r).abs().max() / r.abs().max()).item() for x, r in zip(grads, ref_grads))
+        print(f"{label} {tag}: max |log p - ref| {err_logp:.2e}, max |entropy - ref| {err_entropy:.2e}, "
+              f"max gradient error / max |gradient| {err_grad:.2e}")
+        rows.append((f"{label} kernel {tag}: log-prob error", f"{err_logp:.1e}", f"<= {bar:.0e}", err_logp <= bar))
+        rows.append((f"{label} kernel {tag}: entropy error", f"{err_entropy:.1e}", f"<= {10 * bar:.0e}",
+                     err_entropy <= 10 * bar))
+        rows.append((f"{label} kernel {tag}: relative gradient error", f"{err_grad:.1e}", f"<= {grad_bar:.0e}",
+                     err_grad <= grad_bar))
+    return rows
+
+
+def training_steps(args, torch, gpu: bool) -> list[tuple]:
+    """A few MASA steps of train.py on Qwen3-1.7B shapes (tiny on a CPU), random weights."""
+    from config import load_config
+    from data import ARITHMETIC_WORDS, build_char_tokenizer
+    from model import PRESETS, Qwen3
+    from train import GIB, memory_plan
+
+    steps = args.train_steps or (3 if gpu else 2)
+    response = args.response_tokens or (1024 if gpu else 16)
+    preset = "1.7B" if gpu else "tiny"
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model"
+        tokenizer = build_char_tokenizer(ckpt, words=ARITHMETIC_WORDS)
+        config = PRESETS[preset] if gpu else replace(PRESETS[preset], vocab_size=len(tokenizer))
+        torch.manual_seed(0)
+        Qwen3(config, dtype=torch.bfloat16 if gpu else torch.float32).save_pretrained(ckpt)
+        overrides = [f"model.path={ckpt}", "model.init=pretrained", f"model.dtype={'bfloat16' if gpu else 'float32'}",
+                     "model.activation_checkpointing=true", "warm_start.steps=0", "algorithm=masa",
+                     f"rollout.group_size={16 if gpu else 4}", f"rollout.meta_group_size={16 if gpu else 4}",
+                     "rollout.max_prompt_tokens=64", f"rollout.max_response_tokens={response}",
+                     f"train.batch_size={4 if gpu else 2}", f"train.total_steps={steps}",
+                     "train.micro_batch_tokens=16384", "loss.entropy_coef=0.001", "checkpoint.every=0",
+                     f"checkpoint.dir={tmp}/run",
+                     "log.progress_bar=false"]
+        cfg_file = ROOT / "configs" / "tiny.yaml"
+        print(f"\n== {steps} MASA steps of train.py on Qwen3-{preset} shapes ({config.num_parameters() / 1e9:.2f}B "
+              f"parameters, vocabulary {config.vocab_size}), random weights: {' '.join(overrides[3:-2])}")
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), str(cfg_file), *overrides],
+                                capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        print(result.stdout[-3000:] + result.stderr[-3000:])
+        if result.returncode:
+            return [("training steps", f"exit {result.returncode}", "exit 0", False)]
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    print(f"train.py ran {len(records)} steps in {time.perf_counter() - started:.0f} s (model loading included)")
+    timed = records[1:] or records  # the first step includes warm-up (allocator, kernels' first launches)
+    split = {k: statistics.mean(r[k] for r in timed) for k in
+             ("time_step", "time_rollout", "time_grading", "time_logprobs_backward", "time_optimizer", "time_refresh")}
+    print("mean over steps 2..: " + ", ".join(f"{k[5:]} {v:.2f} s" for k, v in split.items()))
+    rows = [("train step time (s)", f"{split['time_step']:.2f}", "", None)]
+    rows += [(f"  of which {k[5:].replace('_', ' + ')} (s)", f"{split[k]:.2f}", "", None) for k in list(split)[1:]]
+    if gpu:
+        cfg = load_config(cfg_file, overrides)
+        total = torch.cuda.get_device_properties(0).total_memory / GIB
+        plan = memory_plan(cfg, gpus=1, gpu_memory_gib=total)
+        predicted = max(plan["peak_rollout"], plan["peak_update"]) / GIB
+        measured = max(r["memory_peak_gib"] for r in records)
+        print(f"peak memory: measured {measured:.1f} GiB, planned {predicted:.1f} GiB (of {total:.0f} GiB)")
+        rows.append(("train step peak memory (GiB), fits the GPU", f"{measured:.1f}", f"<= {total:.0f}", measured <= total))
+        rows.append(("train.py --plan peak (GiB), within 25% of measured", f"{predicted:.1f}", f"{measured:.1f}",
+                     abs(predicted - measured) <= 0.25 * measured))
+    return rows
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def _x(v):
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+if __name__ == "__main__":
+    main()
