@@ -133,6 +133,16 @@ def arithmetic_problems(count: int, seed: int, digits: tuple[int, ...] = (1, 2, 
     return rows
 
 
+def arithmetic_held_out(count: int, seed: int, training: list[dict], digits: tuple[int, ...] = (1, 2, 3, 4)) -> list[dict]:
+    """`count` problems drawn with `seed` none of which is in `training` (compared as text). One-digit
+    problems rarely survive: there are only 155 of them and a few thousand training problems hold all."""
+    seen = {p["problem"] for p in training}
+    fresh = [p for p in arithmetic_problems(4 * count, seed, digits) if p["problem"] not in seen]
+    if len(fresh) < count:
+        raise ValueError(f"only {len(fresh)} of {4 * count} drawn problems are new: lower the count or add digits")
+    return fresh[:count]
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     """Token ids of one user message wrapped in the tokenizer's chat template, ready for the answer."""
     out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,

@@ -218,11 +218,12 @@ def plot_training(metrics_file: Path, out: Path, window: int = 10) -> Path | Non
 
     panels = [("solution path", ["reward", "accuracy"]), ("meta path", ["meta_reward", "meta_parse_failures"]),
               ("calibration", ["pass_rate_mae"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
-    for ax, (title, keys) in zip(axes, panels):
+    panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]  # GRPO runs have no meta path
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
-            if any(key in r for r in records):
-                ax.plot(steps, curve(key), label=key)
+            ax.plot(steps, curve(key), label=key)
         ax.set(title=title, xlabel="step")
         ax.legend()
     fig.suptitle(f"{Path(metrics_file).parent.name}: moving averages over {window} steps")

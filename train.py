@@ -888,8 +888,9 @@ def print_plan(cfg: Config, plan: dict):
         print(f"  {name:<78} {g(value)}")
     print(f"  {'peak while sampling (shards + rollout copy + KV pool)':<78} {g(plan['peak_rollout'])}")
     print(f"  {f'peak while updating (activation checkpointing {ckpt})':<78} {g(plan['peak_update'])}")
-    waves = -(-plan["sequences_per_gpu"] // max(plan["slots"], 1))
-    print(f"  {plan['sequences_per_gpu']} sequences per GPU per step in {waves} wave(s) of {plan['slots']} slots")
+    rounds = -(-plan["sequences_per_gpu"] // max(plan["slots"], 1))
+    print(f"  {plan['sequences_per_gpu']} sequences per GPU per step through {plan['slots']} KV slots (refilled as "
+          f"sequences finish; {rounds} rounds if every one ran to the full budget)")
     budget = 0.9 * plan["gpu_memory"] / GIB - 1
     verdict = "yes" if plan["fits"] else "NO: lower the peak that exceeds the budget (see the rows above)"
     print(f"fits: {verdict} (budget {budget:.1f} GiB: 90% of the GPU less 1 GiB for the CUDA context and "

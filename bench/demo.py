@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
-from data import arithmetic_problems  # noqa: E402
+from data import arithmetic_held_out, arithmetic_problems  # noqa: E402
 from eval import sample_problems, spearman, summarize  # noqa: E402
 from model import Qwen3  # noqa: E402
 from rewards import GraderPool  # noqa: E402
@@ -51,10 +51,9 @@ HELD_OUT_SEED = 1_000_003  # added to the run's seed; train.py draws training pr
 
 
 def held_out(cfg, count: int, seed: int) -> list[dict]:
-    seen = {p["problem"] for p in arithmetic_problems(cfg.data.arithmetic_count, seed, tuple(cfg.data.arithmetic_digits))}
-    fresh = [p for p in arithmetic_problems(4 * count, HELD_OUT_SEED + seed, tuple(cfg.data.arithmetic_digits))
-             if p["problem"] not in seen]
-    return fresh[:count]
+    digits = tuple(cfg.data.arithmetic_digits)
+    return arithmetic_held_out(count, HELD_OUT_SEED + seed, arithmetic_problems(cfg.data.arithmetic_count, seed, digits),
+                               digits)
 
 
 def evaluate(model_dir: Path, problems: list[dict], args, pool) -> dict:
