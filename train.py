@@ -259,9 +259,11 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
         correct.append([bool(grades.correct[k + j]) and r.finish_reason != "cutoff" for j, r in enumerate(rs)])
         k += len(rs)
     m["time_rollout"], m["time_grading"] = (generated - started, 1), (time.perf_counter() - generated, 1)
-    if steering and step % efficient.audit_every == 0:
+    if steering and step % efficient.audit_every == 0:  # a measurement, not training: timed apart
+        audit_started = time.perf_counter()
         m.update(audit(cfg, actor, tokenizer, pool, params, (seed_for(cfg, step, env.rank, SEED_AUDIT_GATED),
                        seed_for(cfg, step, env.rank, SEED_AUDIT_CUT)), problems, solution_ids, gated, solution_rollouts))
+        m["time_audit"] = (time.perf_counter() - audit_started, 1)
 
     rewards = torch.tensor([float(c) for cs in correct for c in cs])
     advantages = masa.group_advantages(rewards, G).tolist() if len(rewards) else []
@@ -744,9 +746,24 @@ def train(cfg: Config):
     if env.main:
         from eval import plot_training
 
+        print(run_summary(metrics_file))
         png = plot_training(metrics_file, Path(cfg.checkpoint.dir) / "curves.png")
         if png:
             print(f"training curves: {png}")
+
+
+def run_summary(metrics_file: Path, window: int = 20) -> str:
+    """First vs last `window` steps of the run, from metrics.jsonl: what the run changed."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    n = max(1, min(window, len(records) // 2))
+    parts = []
+    for key, label in [("accuracy", "accuracy"), ("pass_rate_mae", "pass-rate MAE"),
+                       ("meta_reward", "meta reward"), ("meta_parse_failures", "meta parse failures")]:
+        first, last = ([r[key] for r in part if key in r] for part in (records[:n], records[-n:]))
+        if first and last:
+            parts.append(f"{label} {np.mean(first):.3f} -> {np.mean(last):.3f}")
+    return f"steps {records[0]['step']}-{records[n - 1]['step']} vs {records[-n]['step']}-{records[-1]['step']}: " + \
+        ", ".join(parts) if records else "no steps recorded"
 
 
 def _ratio(hits: float, total: float) -> float:

@@ -426,3 +426,14 @@ def test_parse_meta_and_meta_reward_compose():
     rollouts = outcomes((True, 40, "carry 1"), (True, 44, "carry"))
     r = meta_reward(parse_meta(text, group_size=2), rollouts, "7 + 5", group_size=2)
     assert r["score"] == 1.0
+
+
+def test_without_math_verify_symbolic_items_grade_wrong_with_a_warning(monkeypatch, capsys):
+    import rewards
+
+    monkeypatch.setattr(rewards, "_SYMBOLIC", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    grades = grade_batch([r"\boxed{\sqrt{2}/2}", r"\boxed{0.5}"], [r"\frac{\sqrt{2}}{2}", "1/2"], GraderPool())
+    assert grades.correct == [False, True]  # the second is settled by exact rationals, no symbolic check
+    assert grades.errors == 1
+    assert "math-verify is not installed" in capsys.readouterr().err
