@@ -1,6 +1,6 @@
 """Every claim only a GPU can check, in one run that ends with one table (bench/gpu_check.sh calls this).
 
-    bench/gpu_check.sh                 # one CUDA GPU, about 6 minutes, nothing downloaded
+    bench/gpu_check.sh                 # one CUDA GPU (estimated 6 minutes, not yet timed), nothing downloaded
     bench/gpu_check.sh --cpu           # the same code paths at toy sizes (tests/test_gpu_check.py runs it)
 
 In order:
