@@ -755,6 +755,8 @@ def train(cfg: Config):
 def run_summary(metrics_file: Path, window: int = 20) -> str:
     """First vs last `window` steps of the run, from metrics.jsonl: what the run changed."""
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not records:
+        return "no steps recorded"
     n = max(1, min(window, len(records) // 2))
     parts = []
     for key, label in [("accuracy", "accuracy"), ("pass_rate_mae", "pass-rate MAE"),
@@ -762,8 +764,8 @@ def run_summary(metrics_file: Path, window: int = 20) -> str:
         first, last = ([r[key] for r in part if key in r] for part in (records[:n], records[-n:]))
         if first and last:
             parts.append(f"{label} {np.mean(first):.3f} -> {np.mean(last):.3f}")
-    return f"steps {records[0]['step']}-{records[n - 1]['step']} vs {records[-n]['step']}-{records[-1]['step']}: " + \
-        ", ".join(parts) if records else "no steps recorded"
+    span = f"steps {records[0]['step']}-{records[n - 1]['step']} vs {records[-n]['step']}-{records[-1]['step']}"
+    return f"{span}: {', '.join(parts)}"
 
 
 def _ratio(hits: float, total: float) -> float:
@@ -808,9 +810,9 @@ GIB = 1024 ** 3
 
 
 def model_shape(cfg: Config) -> tuple[Qwen3Config, str]:
-    """The model's Qwen3Config without loading or downloading weights: the local checkpoint's
-    config.json, else the preset named by a hub id such as Qwen/Qwen3-8B-Base, else model.preset
-    (init: random)."""
+    """The model's Qwen3Config without loading or downloading weights: model.preset for init: random,
+    else the local checkpoint's config.json, else the preset named by a hub id such as
+    Qwen/Qwen3-8B-Base. Returns the config and where it came from."""
     import re
 
     if cfg.model.init == "random":

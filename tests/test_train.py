@@ -254,3 +254,13 @@ def test_the_cpu_demo_config_runs_a_warm_start_then_rl(tmp_path):
     initial = Qwen3.from_pretrained(tmp_path / "run" / "initial")
     warmed = Qwen3.from_pretrained(tmp_path / "run" / "step_000000" / "model")
     assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), warmed.state_dict().values()))
+
+
+def test_run_summary_compares_the_first_and_last_steps(tmp_path):
+    from train import run_summary
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "accuracy": a} for s, a in [(1, 0.1), (2, 0.2), (3, 0.5), (4, 0.7)]]
+    rows[3]["pass_rate_mae"] = 0.2  # present in the last window only: left out
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_summary(metrics) == "steps 1-2 vs 3-4: accuracy 0.150 -> 0.600"
