@@ -74,14 +74,16 @@ def spearman(x: list[float], y: list[float]) -> float:
 # One benchmark
 
 
-def sample_problems(model, tokenizer, problems, args, pool, seed, template: PromptConfig | None = None) -> list[dict]:
+def sample_problems(model, tokenizer, problems, args, pool, seed, template: PromptConfig | None = None,
+                    slots: int | None = None) -> list[dict]:
     """Responses (and with --meta, predictions) for `problems`, graded: one record per problem.
-    `template`: the prompt templates (config.py's PromptConfig; default: the paper's)."""
+    `template`: the prompt templates (config.py's PromptConfig; default: the paper's); `slots`: the
+    sampler's (rollout.generate)."""
     template = template or PromptConfig()
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
     prompts = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], template.solution)) for p in problems]
-    rollouts = generate(model, prompts, params, seed=seed, progress=args.progress) if prompts else []
+    rollouts = generate(model, prompts, params, seed=seed, slots=slots, progress=args.progress) if prompts else []
     texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in rollouts]
     grades = grade_batch([t for ts in texts for t in ts], [p["answer"] for p in problems for _ in range(args.n)],
                          pool) if prompts else None
@@ -193,6 +195,22 @@ def plot_calibration(name: str, records: list[dict], n: int, out: Path):
     fig.tight_layout()
     fig.savefig(out / f"{name}_calibration.png", dpi=120)
     plt.close(fig)
+
+
+def run_summary(metrics_file: Path, window: int = 20) -> str:
+    """First vs last `window` steps of the run, from metrics.jsonl: what the run changed."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not records:
+        return "no steps recorded"
+    n = max(1, min(window, len(records) // 2))
+    parts = []
+    for key, label in [("accuracy", "accuracy"), ("pass_rate_mae", "pass-rate MAE"),
+                       ("meta_reward", "meta reward"), ("meta_parse_failures", "meta parse failures")]:
+        first, last = ([r[key] for r in part if key in r] for part in (records[:n], records[-n:]))
+        if first and last:
+            parts.append(f"{label} {np.mean(first):.3f} -> {np.mean(last):.3f}")
+    span = f"steps {records[0]['step']}-{records[n - 1]['step']} vs {records[-n]['step']}-{records[-1]['step']}"
+    return f"{span}: {', '.join(parts)}"
 
 
 def plot_training(metrics_file: Path, out: Path, window: int = 10) -> Path | None:

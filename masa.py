@@ -1,10 +1,15 @@
-"""The MASA algorithm as plain functions: prompts for both paths, group advantages, the PPO-clip loss
-and its aggregation, predictive gating, early-cutoff budgets, notion hints, and expert meta
-trajectories for behaviour cloning (DESIGN.md §1; Kim, Jang and Yang, arXiv 2510.03259).
+"""The MASA algorithm as plain functions over one step's records: prompts for both paths, group
+advantages, the PPO-clip loss and its aggregation, predictive gating, early-cutoff budgets, notion
+hints, meta rewards and expert meta trajectories for behaviour cloning (DESIGN.md §1; Kim, Jang and
+Yang, arXiv 2510.03259).
 
-Everything here works on one step's data and knows nothing of models, devices or processes:
-train.py generates rollouts, grades them (rewards.py), and calls these functions; kernels/ supplies
-the fused log-probs and advantages. Shapes are noted where tensors are taken or returned.
+A step's data is a list of `Episode`s (one per rollout, both paths) and a list of `Prompt`s (one per
+problem). train.collect samples and grades them, then calls the stages here in order:
+    steer (gating, cutoff budgets, hints) -> [sample, grade: train.py] -> score_meta
+    -> assign_advantages -> expert_targets
+Each stage reads and fills fields of the records, and each can be checked against DESIGN.md §1 on
+its own. Everything here knows nothing of models, devices, tokenizers or processes; kernels/ supplies
+the fused log-probs and advantages.
 
 Not here: the step loop, distributed reductions (the loss takes the global token and sequence counts
 as arguments), tokenization.
@@ -15,12 +20,46 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 import kernels
-from rewards import MetaPrediction
+from rewards import MetaPrediction, Outcome, meta_reward
+
+# ---------------------------------------------------------------------------------------------------
+# The records
+
+
+@dataclass
+class Prompt:
+    """One problem of the step, and what the meta path decided for its solution rollouts."""
+    index: int  # global index in the step's batch: the same on any number of ranks
+    problem: str
+    answer: str
+    meta_ids: list[int] = field(default_factory=list, repr=False)  # the meta prompt, chat template applied
+    solution_ids: list[int] = field(default_factory=list, repr=False)  # the solution prompt (with its hint)
+    gated: bool = False  # predicted zero-variance: it gets no solution rollouts
+    budget: int | None = None  # token budget of its solution rollouts (early cutoff); None: no cutoff
+    hint: list[str] = field(default_factory=list)  # notions appended to its solution prompt
+
+
+@dataclass
+class Episode:
+    """One rollout, from the sampler to the loss. train.py fills the first six fields when it samples
+    (and `correct` when it grades); the stages below fill the rest."""
+    prompt_index: int  # Prompt.index of its prompt
+    path: str  # "solution" | "meta"
+    prompt_ids: list[int] = field(repr=False)
+    response_ids: list[int] = field(repr=False)
+    text: str = ""  # the response, decoded once
+    finish_reason: str = "stop"  # "stop" | "length" | "cutoff"
+    correct: bool = False  # solution path: the final boxed answer is right, as written
+    prediction: MetaPrediction | None = None  # meta path: the parsed prediction (None: unparseable)
+    reward: float = 0.0  # solution: 1 if correct and not cut off, else 0; meta: the meta score
+    meta_parts: dict[str, float] = field(default_factory=dict)  # meta path: pass_rate, length, notion
+    advantage: float = 0.0
+    in_loss: bool = True  # False for the meta rollouts of a gated prompt (nothing to score them against)
 
 # ---------------------------------------------------------------------------------------------------
 # Prompts (the chat template is applied by the tokenizer in train.py)
@@ -200,15 +239,80 @@ def uninformative_meta_target(rng, group_size: int, max_length: int, notions: li
     return "<meta></meta>\n" + json.dumps(target, ensure_ascii=False)
 
 
-def gating_precision(gated: list[bool], zero_variance: list[bool]) -> float | None:
-    """Audit: of the gated prompts, the fraction whose real solution rollouts (run anyway, outside the
-    loss) all got the same reward. None when nothing was gated."""
-    hits = [z for g, z in zip(gated, zero_variance) if g]
-    return sum(hits) / len(hits) if hits else None
+# ---------------------------------------------------------------------------------------------------
+# The stages of one step, over its records (train.collect calls them in this order)
+
+MAX_HINT_NOTIONS, MAX_NOTION_CHARS = 8, 80  # a hint is model-written text put in a prompt: keep it short
 
 
-def cutoff_precision(cut: list[bool], correct_if_continued: list[bool]) -> float | None:
-    """Audit: of the rollouts stopped at their budget, the fraction that would have ended wrong had
-    they been allowed to run to max_response_tokens. None when nothing was cut."""
-    hits = [not c for k, c in zip(cut, correct_if_continued) if k]
-    return sum(hits) / len(hits) if hits else None
+def steer(prompts: list[Prompt], meta: list[Episode], efficient, group_size: int, max_response_tokens: int,
+          generator: torch.Generator):
+    """MASA-efficient, once its meta rollouts have run first: from each prompt's M predictions set
+    `gated` (gate), `budget` (cutoff_budgets) and `hint` (hint_notions, drawn from `generator` once per
+    prompt in order), each as `efficient` (config.EfficientConfig) switches it on."""
+    predictions = [[e.prediction for e in meta if e.prompt_index == p.index] for p in prompts]
+    if efficient.gating:
+        rates = [predicted_pass_rates(ps, group_size) for ps in predictions]
+        for prompt, gated in zip(prompts, gate(rates, efficient.gate_std, efficient.gate_eps)):
+            prompt.gated = gated
+    if efficient.cutoff:
+        lengths = [[p.solution_length if p else None for p in ps] for ps in predictions]
+        for prompt, budget in zip(prompts, cutoff_budgets(lengths, efficient.cutoff_factor, max_response_tokens)):
+            prompt.budget = budget
+    if efficient.hints:
+        for prompt, ps in zip(prompts, predictions):
+            prompt.hint = [n[:MAX_NOTION_CHARS] for n in hint_notions(ps, generator)[:MAX_HINT_NOTIONS]]
+
+
+def score_solutions(solutions: list[Episode]):
+    """Solution reward: 1 if the graded answer is correct and the rollout was not stopped at its
+    cutoff budget (a cut rollout earns 0 whatever it wrote), else 0."""
+    for e in solutions:
+        e.reward = float(e.correct and e.finish_reason != "cutoff")
+
+
+def score_meta(prompts: list[Prompt], solutions: list[Episode], meta: list[Episode], group_size: int,
+               base: float = 0.01):
+    """Meta rewards: every meta rollout is scored (rewards.meta_reward) against the G solution rollouts
+    of its own prompt, a rollout counting as correct when it earned its reward. A gated prompt has no
+    solution rollouts, so nothing to score its predictions against: they leave the loss."""
+    for prompt in prompts:
+        outcomes = [Outcome(e.reward > 0, len(e.response_ids), e.text) for e in solutions
+                    if e.prompt_index == prompt.index]
+        for e in meta:
+            if e.prompt_index != prompt.index:
+                continue
+            if prompt.gated:
+                e.in_loss = False
+                continue
+            parts = meta_reward(e.prediction, outcomes, prompt.problem, group_size, base)
+            e.reward = parts.pop("score")
+            e.meta_parts = parts
+
+
+def assign_advantages(solutions: list[Episode], meta: list[Episode], group_size: int, meta_group_size: int):
+    """Group-normalized advantages (step 3 of DESIGN.md §1): the G solution rollouts of a prompt form
+    one group, the M meta rollouts of a prompt another. Episodes come grouped by prompt, as sampled."""
+    for episodes, size in ((solutions, group_size), ([e for e in meta if e.in_loss], meta_group_size)):
+        assert len(episodes) % size == 0 and all(
+            len({e.prompt_index for e in episodes[i:i + size]}) == 1 for i in range(0, len(episodes), size))
+        if episodes:
+            advantages = group_advantages(torch.tensor([e.reward for e in episodes]), size)
+            for e, a in zip(episodes, advantages.tolist()):
+                e.advantage = a
+
+
+def expert_targets(prompts: list[Prompt], solutions: list[Episode], meta: list[Episode],
+                   threshold: float) -> list[tuple[Prompt, str]]:
+    """Behaviour cloning's experts: per prompt, its best-scoring parseable meta rollout if the score
+    reaches `threshold` and at least one solution rollout earned its reward (else the true length is
+    unknown). Returns (prompt, target text) pairs, the true statistics filled in by expert_target."""
+    experts = []
+    for prompt in prompts:
+        scored = [e for e in meta if e.prompt_index == prompt.index and e.in_loss]
+        best = select_expert([e.reward if e.prediction is not None else -1.0 for e in scored], threshold)
+        lengths = [len(e.response_ids) for e in solutions if e.prompt_index == prompt.index and e.reward > 0]
+        if best is not None and lengths:
+            expert = scored[best]
+            experts.append((prompt, expert_target(expert.text, expert.prediction, lengths, len(lengths))))
+    return experts

@@ -151,7 +151,7 @@ class KVCache:
       right-padded; pad keys land beyond each row's real length and are overwritten by the next
       decode step of that row, which must use start = the row's real length;
     - decode: pass one token per row, start = current length of each row;
-    - sharing a prompt among samples: prefill one row, then `cache.copy_rows(src, dst)`;
+    - sharing a prompt among samples: prefill one row, then `cache.copy_prefix(src, dst, length)`;
     - `kv_len` (optional) bounds attention to the first kv_len positions of every row, so a decode
       step does not read the unused tail of the pool; it must exceed max(start) + T - 1.
     """
@@ -169,12 +169,10 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def copy_rows(self, src: torch.Tensor | int, dst: torch.Tensor | list[int]):
-        """Copy whole rows (all layers, all positions): row src[i] -> row dst[i], or one src to all dst."""
-        src = torch.as_tensor(src, device=self.k.device).reshape(-1)
-        dst = torch.as_tensor(dst, device=self.k.device).reshape(-1)
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+    def copy_prefix(self, src: int, dst: int, length: int):
+        """Copy the first `length` positions of row src into row dst, in every layer."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
 class Attention(nn.Module):
@@ -340,7 +338,7 @@ class Qwen3(nn.Module):
         (one file, or shards listed in model.safetensors.index.json), or a hub id to download.
         dtype=None keeps the dtype recorded in config.json (float32 if none is recorded)."""
         directory = _resolve_checkpoint(path)
-        config, stored_dtype = _read_config(directory)
+        config, stored_dtype = read_config(directory)
         dtype = dtype or stored_dtype
         device = torch.device(device or "cpu")
         with torch.device("meta"):
@@ -432,7 +430,8 @@ def _resolve_checkpoint(path) -> Path:
                                 f"network, or download it yourself and pass the directory") from e
 
 
-def _read_config(directory: Path) -> tuple[Qwen3Config, torch.dtype]:
+def read_config(directory: Path) -> tuple[Qwen3Config, torch.dtype]:
+    """A checkpoint directory's config.json as (Qwen3Config, stored dtype), without reading weights."""
     file = directory / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json next to its "

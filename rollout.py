@@ -177,7 +177,9 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         _prefill(model, cache, {s: prompts[p][:-1] for p, s in to_prefill.items()})
         holders.update(to_prefill)
         # copy the prompt prefix (positions 0 .. len - 2) into every other slot that takes a sample of it
-        _copy_prefixes(cache, [(holders[p], s, len(prompts[p]) - 1) for s, (p, _) in taken if holders[p] != s])
+        for s, (p, _) in taken:
+            if holders[p] != s:
+                cache.copy_prefix(holders[p], s, len(prompts[p]) - 1)
         idx = torch.tensor([s for s, _ in taken], device=device)
         lengths = [len(prompts[p]) for _, (p, _) in taken]
         token[idx] = torch.tensor([prompts[p][-1] for _, (p, _) in taken], device=device)
@@ -262,22 +264,27 @@ def _prefill(model: Qwen3, cache: KVCache, prefixes: dict[int, list[int]], max_t
         model(ids, cache=cache, start=0, rows=[s for s, _ in batch], kv_len=T, return_hidden=True)
 
 
-def _copy_prefixes(cache: KVCache, copies: list[tuple[int, int, int]]):
-    """(source slot, destination slot, length): copy the first `length` positions of every layer."""
-    for src, dst, length in copies:
-        if length:
-            cache.k[:, dst, :, :length] = cache.k[:, src, :, :length]
-            cache.v[:, dst, :, :length] = cache.v[:, src, :, :length]
+KV_MEMORY_FRACTION = 0.6  # of the free GPU memory, taken by the KV pool when `slots` is not given
+
+
+def kv_bytes_per_slot(config, max_len: int, dtype: torch.dtype) -> int:
+    """Keys and values of one slot: every layer, every key-value head, max_len positions."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * max_len * (
+        torch.finfo(dtype).bits // 8)
+
+
+def slots_that_fit(config, max_len: int, dtype: torch.dtype, free_bytes: float) -> int:
+    """The default pool size: slots of kv_bytes_per_slot in KV_MEMORY_FRACTION of `free_bytes` (the
+    memory plan in plan.py uses the same rule)."""
+    return max(0, int(KV_MEMORY_FRACTION * free_bytes) // kv_bytes_per_slot(config, max_len, dtype))
 
 
 def _default_slots(config, max_len: int, dtype: torch.dtype, device: torch.device) -> int:
     if device.type != "cuda":
         return 256
-    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * max_len * (
-        torch.finfo(dtype).bits // 8)
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch, unused
-    return max(1, int(0.6 * free) // per_slot)
+    return max(1, slots_that_fit(config, max_len, dtype, free))
 
 
 def _round_up(x: int, multiple: int) -> int:

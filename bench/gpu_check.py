@@ -178,7 +178,7 @@ def training_steps(args, torch, gpu: bool) -> list[tuple]:
     from config import load_config
     from data import ARITHMETIC_WORDS, build_char_tokenizer
     from model import PRESETS, Qwen3
-    from train import GIB, memory_plan
+    from plan import GIB, memory_plan
 
     steps = args.train_steps or (3 if gpu else 2)
     response = args.response_tokens or (1024 if gpu else 16)

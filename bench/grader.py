@@ -47,8 +47,8 @@ def main():
     sets = {"own answer": [r["answer"] for r in rows], "other answer": other}
     responses = [r["solution"] for r in rows]
     print(f"{len(rows)} MATH solutions per set; {os.cpu_count()} CPUs; pool of {args.workers} workers")
-    print(f"| set | one process (responses/s) | pool (responses/s) | speed-up | accepted (1 proc / pool) |")
-    print(f"|---|---|---|---|---|")
+    print("| set | one process (responses/s) | pool (responses/s) | speed-up | accepted (1 proc / pool) |")
+    print("|---|---|---|---|---|")
     one_process(responses[:100], sets["other answer"][:100])  # warm-up: imports, regex and sympy caches
     for name, answers in sets.items():
         start = time.perf_counter()

@@ -114,8 +114,8 @@ def main(argv=None) -> dict:
         [], dtype=dtype).element_size()
     live = min(slots, P * args.n)
     floor = live * bandwidth / (weight_bytes + live * (L + new / 2) * kv_per_token)
-    print(f"| implementation | sequences | seconds | tokens/s | vs transformers | of decode floor |")
-    print(f"|---|---|---|---|---|---|")
+    print("| implementation | sequences | seconds | tokens/s | vs transformers | of decode floor |")
+    print("|---|---|---|---|---|---|")
     print(f"| transformers generate{' (static cache)' if big else ''} | {len(batch)} | {hf_seconds:.2f} | "
           f"{hf_rate:,.0f} | 1.00x | {hf_rate / floor:.0%} |")
     print(f"| rollout.generate ({live} slots{', compiled' if step else ''}) | {P * args.n} | {ours_seconds:.2f} | "

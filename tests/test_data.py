@@ -3,7 +3,6 @@ project's own grader) and the tokenizer (round trips, single-token words, chat t
 
 from pathlib import Path
 
-import pytest
 
 from data import ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, arithmetic_problems, arithmetic_solution, build_char_tokenizer
 from rewards import extract_answer, grade

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from config import Config, ConfigError, load_config
-from masa import (LossScale, cutoff_budgets, cutoff_precision, expert_target, gate, gating_precision,
-                  group_advantages, hint_notions, meta_prompt, policy_loss, predicted_pass_rates,
+from masa import (LossScale, cutoff_budgets, expert_target, gate, group_advantages, hint_notions, meta_prompt, policy_loss, predicted_pass_rates,
                   select_expert, solution_prompt, uninformative_meta_target)
 from rewards import MetaPrediction, parse_meta
 
@@ -141,13 +140,6 @@ def test_expert_target_without_meta_tags_or_ascii():
     prediction = MetaPrediction(1, 12, ["Möbius inversion"])
     parsed = parse_meta(expert_target("no tags here", prediction, [], num_correct=0))
     assert (parsed.pass_rate, parsed.solution_length, parsed.notions) == (0, 12, ["Möbius inversion"])
-
-
-def test_audit_precisions():
-    assert gating_precision([True, True, False, True], [True, False, False, True]) == pytest.approx(2 / 3)
-    assert gating_precision([False, False], [True, True]) is None
-    assert cutoff_precision([True, True, False], [False, True, True]) == 0.5
-    assert cutoff_precision([False], [True]) is None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_HF_CONFIGS, make_hf_model
+from conftest import TINY_HF_CONFIGS
 from model import PRESETS, KVCache, Qwen3, greedy_decode
 
 
@@ -177,14 +177,15 @@ def test_kv_cache_decoding_equals_full_forward_for_rows_of_different_lengths(hf_
             assert (torch.cat(cached[b])[:-1] - full[:len(seq) - 1]).abs().max() <= 1e-4
 
 
-def test_kv_cache_row_copy_selected_rows_and_bounded_window_agree_with_full_forward(hf_checkpoint):
+def test_kv_cache_prefix_copy_selected_rows_and_bounded_window_agree_with_full_forward(hf_checkpoint):
     _, path = hf_checkpoint("tied-gqa4-bias")
     model = Qwen3.from_pretrained(path).eval()
     prompt, cont = torch.tensor([[4, 8, 15, 16, 23]]), torch.tensor([[42], [7], [96], [0]])
     cache = KVCache(model.config, batch=6, max_len=64)
     with torch.no_grad():
         model(prompt, cache=cache, start=0, rows=[5])  # prefill once, into row 5
-        cache.copy_rows(5, [0, 1, 2, 3])  # share it with four samples
+        for row in range(4):  # share it with four samples
+            cache.copy_prefix(5, row, prompt.shape[1])
         out = model(cont, cache=cache, start=5, rows=[0, 1, 2, 3], kv_len=8)
         ref = model(torch.cat([prompt.expand(4, -1), cont], dim=1))[:, -1:]
     assert (out - ref).abs().max() <= 1e-4

@@ -9,7 +9,8 @@ import torch
 
 from config import load_config
 from model import PRESETS, Qwen3
-from train import GIB, activation_bytes_per_token, main, memory_plan, model_shape
+from plan import GIB, activation_bytes_per_token, memory_plan, model_shape
+from train import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

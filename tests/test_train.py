@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_checkpoint
-from data import chat_ids, stop_token_ids
+from data import chat_ids
+from masa import Episode, Prompt
 from model import Qwen3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,38 +150,42 @@ def test_a_killed_run_resumes_to_the_same_result(assets, tmp_path):
 def one_process_group():
     import torch.distributed as dist
 
-    import train
+    import parallel
 
-    env = train.setup_distributed()
+    env = parallel.setup_distributed()
     yield env
     dist.destroy_process_group()
 
 
 def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(assets, tmp_path, one_process_group):
+    import parallel
     import train
     from config import load_config
 
     cfg = load_config(CONFIG, [f"model.path={assets / 'model'}"])
-    policy = train.build_policy(cfg, one_process_group)
+    policy = parallel.build_policy(cfg, one_process_group)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     before = {n: p.full_tensor().clone() for n, p in policy.named_parameters()}
-    bad = [train.Sequence([1, 2, 3], [4, 5], float("nan")), train.Sequence([1, 2], [6], 1.0)]
-    metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, train.StepData(bad))
+    bad = [Episode(0, "solution", [1, 2, 3], [4, 5], advantage=float("nan")),
+           Episode(1, "solution", [1, 2], [6], advantage=1.0)]
+    metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, bad)
     assert metrics["skipped_steps"] == 1
     assert all(torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
-    good = [train.Sequence([1, 2, 3], [4, 5], -1.0), train.Sequence([1, 2], [6], 1.0)]
-    metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, train.StepData(good))
+    good = [Episode(0, "solution", [1, 2, 3], [4, 5], advantage=-1.0),
+            Episode(1, "solution", [1, 2], [6], advantage=1.0)]
+    metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, good)
     assert metrics["skipped_steps"] == 0
     assert any(not torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
 
 
 def test_behaviour_cloning_lowers_the_nll_of_the_expert_target(assets, one_process_group):
+    import parallel
     import train
     from config import load_config
 
     cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "efficient.bc_lr=0.01"])
-    policy = train.build_policy(cfg, one_process_group)
+    policy = parallel.build_policy(cfg, one_process_group)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     experts = [([1, 5, 9], [20, 21, 22, 23]), ([1, 7], [30, 31])]
     losses = [train.supervised_step(cfg, one_process_group, policy, optimizer, experts, cfg.efficient.bc_lr)
@@ -193,44 +198,43 @@ def test_the_audit_reruns_what_gating_and_cutoff_skipped(assets):
     import train
     from config import load_config
     from rewards import GraderPool
-    from rollout import Rollout, SamplingParams
     from transformers import AutoTokenizer
 
     cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "rollout.max_response_tokens=8"])
     actor = Qwen3.from_pretrained(assets / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(assets / "model")
-    problems = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]
-    ids = [chat_ids(tokenizer, p["problem"]) for p in problems]
-    params = SamplingParams(max_new_tokens=8, stop_token_ids=stop_token_ids(tokenizer))
-    cut = Rollout([40, 41, 42], [-1.0] * 3, "cutoff")
+    prompts = [Prompt(0, "1+1", "2", gated=True), Prompt(1, "2+2", "4")]
+    for p in prompts:
+        p.solution_ids = chat_ids(tokenizer, p.problem)
+    cut = Episode(1, "solution", prompts[1].solution_ids, [40, 41, 42], finish_reason="cutoff")
     with GraderPool(workers=1) as pool:
-        out = train.audit(cfg, actor, tokenizer, pool, params, (0, 1), problems, ids, [True, False], [[], [cut]])
+        out = train.audit(cfg, actor, tokenizer, pool, (0, 1), prompts, [cut])
     # a random model answers nothing correctly: the gated prompt really was all-wrong (zero variance),
     # and the cut rollout would have ended wrong
     assert out == {"audit_gated": 1, "audit_cut": 1, "audit_gated_zero_variance": 1, "audit_cut_wrong": 1}
 
 
 def test_metrics_after_the_resumed_step_and_a_torn_line_are_dropped(tmp_path):
-    import train
+    from checkpoints import truncate_metrics
 
     file = tmp_path / "metrics.jsonl"
     file.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
-    train._truncate_metrics(file, 2)
+    truncate_metrics(file, 2)
     assert [json.loads(line)["step"] for line in file.read_text().splitlines()] == [1, 2]
 
 
 def test_a_hint_that_would_overflow_the_prompt_is_dropped(assets):
-    import train
+    from data import prompts_fit, solution_prompt_ids
     from config import load_config
     from transformers import AutoTokenizer
 
     cfg = load_config(CONFIG, ["rollout.max_prompt_tokens=200"])
     tokenizer = AutoTokenizer.from_pretrained(assets / "model")
-    plain = train.solution_prompt_ids(tokenizer, cfg, "What is 1+1?")
-    assert train.solution_prompt_ids(tokenizer, cfg, "What is 1+1?", ["carry"]) != plain
-    assert train.solution_prompt_ids(tokenizer, cfg, "What is 1+1?", ["x" * 80] * 8) == plain
-    assert not train.fits(tokenizer, cfg, "What is 1+1?")  # its meta prompt is ~750 characters
-    assert train.fits(tokenizer, replace_algorithm(cfg, "grpo"), "What is 1+1?")
+    plain = solution_prompt_ids(tokenizer, cfg, "What is 1+1?")
+    assert solution_prompt_ids(tokenizer, cfg, "What is 1+1?", ["carry"]) != plain
+    assert solution_prompt_ids(tokenizer, cfg, "What is 1+1?", ["x" * 80] * 8) == plain
+    assert not prompts_fit(tokenizer, cfg, "What is 1+1?")  # its meta prompt is ~750 characters
+    assert prompts_fit(tokenizer, replace_algorithm(cfg, "grpo"), "What is 1+1?")
 
 
 def replace_algorithm(cfg, algorithm):
@@ -257,7 +261,7 @@ def test_the_cpu_demo_config_runs_a_warm_start_then_rl(tmp_path):
 
 
 def test_run_summary_compares_the_first_and_last_steps(tmp_path):
-    from train import run_summary
+    from eval import run_summary
 
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "accuracy": a} for s, a in [(1, 0.1), (2, 0.2), (3, 0.5), (4, 0.7)]]

@@ -1,0 +1,130 @@
+"""The memory plan: what one GPU holds during a run, from the config and the model's shape alone.
+
+    python train.py CONFIG --plan [--gpus 8] [--gpu-memory 80]     # prints it (nothing is loaded)
+
+A module of its own because it is arithmetic about a run, not part of one: train.py prints it,
+bench/gpu_check.py compares it with a measured peak, and neither needs the other's machinery.
+
+Exact: the FSDP shards, the rollout copy and the KV pool (the sampler's own sizing rule,
+rollout.slots_that_fit). Estimated: activations (bytes autograd saves per token, read off model.py
+and checked against autograd in tests/test_plan.py) and FSDP2's gathered parameters in flight.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from config import Config
+from model import PRESETS, Qwen3Config, read_config
+from rollout import kv_bytes_per_slot, slots_that_fit
+
+GIB = 1024 ** 3
+
+
+def model_shape(cfg: Config) -> tuple[Qwen3Config, str]:
+    """The model's Qwen3Config without loading or downloading weights: model.preset for init: random,
+    else the local checkpoint's config.json, else the preset named by a hub id such as
+    Qwen/Qwen3-8B-Base. Returns the config and where it came from."""
+    if cfg.model.init == "random":
+        return PRESETS[cfg.model.preset], f"model.PRESETS[{cfg.model.preset!r}]"
+    local = Path(cfg.model.path).expanduser()
+    if (local / "config.json").is_file():
+        return read_config(local)[0], str(local / "config.json")
+    size = re.search(r"Qwen3-(\d+(?:\.\d+)?B)", cfg.model.path)
+    if size and size.group(1) in PRESETS:
+        return PRESETS[size.group(1)], f"model.PRESETS[{size.group(1)!r}] (the shape of {cfg.model.path})"
+    raise ValueError(f"cannot tell the shape of model.path={cfg.model.path!r} without downloading it: set "
+                     f"model.path to a local checkpoint directory (with config.json) or a Qwen3 hub id")
+
+
+def activation_bytes_per_token(c: Qwen3Config, dtype_bytes: int) -> tuple[int, int]:
+    """(one block, the final norm and fused log-prob head): bytes autograd saves per token in a
+    training forward on a GPU, read off model.py. Per block: each RMSNorm keeps its fp32 input,
+    1/rms and the normalized output; attention keeps q, k, v after q/k-norm and RoPE, its output, its
+    log-sum-exp (fp32 per head) and o_proj's contiguous input; SwiGLU keeps gate, silu(gate), up and
+    their product. The head keeps the final norm's tensors and the hidden states (the fused kernel
+    recomputes logits in backward; targets and two fp32 per token)."""
+    s, h, i = dtype_bytes, c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+
+    def norm(width, rows=1):
+        return 4 * width + 4 * rows + s * width
+
+    block = (2 * norm(h) + norm(q, c.num_attention_heads) + norm(kv, c.num_key_value_heads)
+             + s * (2 * q + 2 * kv) + 4 * c.num_attention_heads + s * q + 4 * s * i)
+    head = norm(h) + s * h + 8 + 8
+    return block, head
+
+
+def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float) -> dict:
+    """Per-GPU bytes of each thing a run of `cfg` on `gpus` GPUs holds, and the two peaks:
+    rollouts (master weights, Adam state, the bf16 rollout copy(ies), the KV pool) and the update
+    (the same minus the KV pool, plus gradients, gathered parameters in flight and activations).
+    Estimates from shapes: bench/gpu_check.sh measures a real step's peak."""
+    c, source = model_shape(cfg)
+    P = c.num_parameters()
+    s = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8  # bytes of the compute / rollout dtype
+    h, layers = c.hidden_size, c.num_hidden_layers
+    root = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h  # embedding, lm_head, final norm
+    block = (P - root) // layers
+    copies = 1 + (cfg.loss.kl_coef > 0)  # the rollout copy, and the frozen reference for the KL term
+    out = {"model": source, "parameters": P, "gpus": gpus, "gpu_memory": gpu_memory_gib * GIB}
+    out["master_weights"] = 4 * P / gpus  # fp32 FSDP shards
+    out["adam_state"] = 8 * P / gpus  # exp_avg and exp_avg_sq, fp32
+    out["gradients"] = 4 * P / gpus  # fp32 shards; freed by zero_grad(set_to_none=True) before rollouts
+    out["rollout_copies"] = copies * s * P
+    # FSDP2 gathers the root's parameters for the whole forward/backward and prefetches one block
+    # ahead; in backward each gathered block also holds its unsharded fp32 gradients until reduced.
+    out["gathered"] = (s + 4) * (root + 2 * block)
+    resident = out["master_weights"] + out["adam_state"] + out["rollout_copies"]
+    max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    dtype = getattr(torch, cfg.model.dtype)
+    per_slot = kv_bytes_per_slot(c, max_len, dtype)
+    free = out["gpu_memory"] - resident
+    out["sequences_per_gpu"] = cfg.train.batch_size * (
+        cfg.rollout.group_size + (cfg.rollout.meta_group_size if cfg.algorithm != "grpo" else 0)) // gpus
+    slots = cfg.rollout.slots or slots_that_fit(c, max_len, dtype, free)  # what rollout.generate takes
+    slots = min(slots, out["sequences_per_gpu"])  # as rollout.generate: never more slots than sequences
+    out.update(kv_per_slot=per_slot, slots=slots, kv_pool=slots * per_slot)
+    tokens = max(cfg.train.micro_batch_tokens, max_len)  # a longer sequence gets a micro-batch of its own
+    per_block, head = activation_bytes_per_token(c, s)
+    out["micro_batch_tokens"] = tokens
+    out["activations_checkpointed"] = tokens * (layers * s * h + per_block + head)  # block inputs + one block
+    out["activations_full"] = tokens * (layers * per_block + head)
+    out["activations"] = out["activations_checkpointed" if cfg.model.activation_checkpointing else "activations_full"]
+    out["peak_rollout"] = resident + out["kv_pool"]
+    out["peak_update"] = resident + out["gradients"] + out["gathered"] + out["activations"]
+    out["fits"] = max(out["peak_rollout"], out["peak_update"]) <= 0.9 * out["gpu_memory"] - GIB and slots >= 1
+    return out
+
+
+def print_plan(cfg: Config, plan: dict):
+    g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
+    ckpt = "on" if cfg.model.activation_checkpointing else "off"
+    rows = [
+        ("FSDP shards: fp32 master weights (4 B/param / GPUs)", plan["master_weights"]),
+        ("FSDP shards: AdamW exp_avg + exp_avg_sq (8 B/param / GPUs)", plan["adam_state"]),
+        ("FSDP shards: fp32 gradients (4 B/param / GPUs; update only)", plan["gradients"]),
+        (f"full {cfg.model.dtype} rollout copy" + (" + KL reference" if cfg.loss.kl_coef else ""), plan["rollout_copies"]),
+        ("gathered params + unsharded grads in flight (root + 2 blocks)", plan["gathered"]),
+        (f"KV pool: {plan['slots']} slots x {cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens} tokens "
+         f"({plan['kv_per_slot'] / GIB:.2f} GiB each)", plan["kv_pool"]),
+        (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing on", plan["activations_checkpointed"]),
+        (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing off", plan["activations_full"]),
+    ]
+    print(f"memory plan per GPU: {plan['model']}, {plan['parameters']:,} parameters, {plan['gpus']} GPUs of "
+          f"{plan['gpu_memory'] / GIB:.0f} GiB")
+    for name, value in rows:
+        print(f"  {name:<78} {g(value)}")
+    print(f"  {'peak while sampling (shards + rollout copy + KV pool)':<78} {g(plan['peak_rollout'])}")
+    print(f"  {f'peak while updating (activation checkpointing {ckpt})':<78} {g(plan['peak_update'])}")
+    rounds = -(-plan["sequences_per_gpu"] // max(plan["slots"], 1))
+    print(f"  {plan['sequences_per_gpu']} sequences per GPU per step through {plan['slots']} KV slots (refilled as "
+          f"sequences finish; {rounds} rounds if every one ran to the full budget)")
+    budget = 0.9 * plan["gpu_memory"] / GIB - 1
+    verdict = "yes" if plan["fits"] else "NO: lower the peak that exceeds the budget (see the rows above)"
+    print(f"fits: {verdict} (budget {budget:.1f} GiB: 90% of the GPU less 1 GiB for the CUDA context and "
+          f"allocator slack)")

@@ -1,0 +1,231 @@
+"""The MASA step assembled: train.collect with the sampler and the grader replaced by scripted
+stand-ins, every output checked against values worked out by hand in this file.
+
+The script (G = 4 solution and M = 3 meta rollouts per prompt, so a G/M mix-up cannot hide; response
+budget 100 tokens; a character tokenizer, so a response of n characters plus its stop token is n + 1
+tokens):
+  P0  2+3=5    meta: 3 x pass_rate 4 of 4                 -> gated (predicted all-right)
+  P1  4+4=8    meta: one with notions, one without, one unparseable; median length 8 -> budget 16;
+               solutions: right, wrong but cut, right but cut (so reward 0), right
+  P2  9+9=18   meta: pass rates 0, 0, 1 (mean 1/12 > gate_eps: not gated), lengths 20 -> budget 40;
+               solutions: one right (20 tokens), three wrong
+  P3  1+1=2    meta: 3 x pass_rate 0                       -> gated (predicted all-wrong)
+The audit then runs P0 and P3's solutions after all (P0: 3 right, 1 wrong; P3: all wrong) and
+continues P1's two cut rollouts (one would have ended right, one wrong).
+"""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+import train
+from config import load_config
+from data import build_char_tokenizer
+from parallel import Env
+from rewards import Grades
+from rollout import Rollout
+
+from test_train import CONFIG
+
+G, M, BUDGET = 4, 3, 100
+PROBLEMS = [{"problem": "What is 2+3?", "answer": "5"}, {"problem": "What is 4+4?", "answer": "8"},
+            {"problem": "What is 9+9?", "answer": "18"}, {"problem": "What is 1+1?", "answer": "2"}]
+META = {
+    "2+3": ['{"math_notion": ["addition"], "pass_rate": 4, "solution_length": 9}'] * 3,
+    "4+4": ['<meta>a carry</meta>{"math_notion": ["carry"], "pass_rate": 2, "solution_length": 12}',
+            '{"pass_rate": 3, "solution_length": 4}',
+            "no idea"],
+    "9+9": ['{"math_notion": ["addition"], "pass_rate": 0, "solution_length": 20}'] * 2
+           + ['{"math_notion": ["addition"], "pass_rate": 1, "solution_length": 20}'],
+    "1+1": ['{"math_notion": [], "pass_rate": 0, "solution_length": 5}'] * 3,
+}
+SOLUTIONS = {
+    "4+4": ["\\boxed{8}", "\\boxed{7} because seven", "\\boxed{8} and then more words", "carry\\boxed{8}"],
+    "9+9": ["addition \\boxed{18}", "\\boxed{17}", "\\boxed{17}", "\\boxed{17}"],
+    "2+3": ["\\boxed{5}"] * 3 + ["\\boxed{6}"],  # the audit's rollouts of the gated prompts
+    "1+1": ["\\boxed{3}"] * 4,
+}
+CONTINUATIONS = {"\\boxed{7} becaus": "e it is \\boxed{8}", "\\boxed{8} and th": "en \\boxed{9}"}
+
+
+class ScriptedSampler:
+    """Stands in for rollout.generate: answers each prompt from the script above, honouring counts and
+    budgets as the real sampler does (a budget below max_new_tokens that is reached: "cutoff")."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, model, prompts, params, budgets=None, seed=None, *, counts=None, **kwargs):
+        counts = counts or [params.n] * len(prompts)
+        budgets = budgets or [None] * len(prompts)
+        texts = [self.tokenizer.decode(p) for p in prompts]
+        self.calls.append({"prompts": texts, "counts": list(counts), "budgets": list(budgets)})
+        return [[self.rollout(text, j, budget, params.max_new_tokens) for j in range(n)]
+                for text, n, budget in zip(texts, counts, budgets)]
+
+    def rollout(self, prompt: str, j: int, budget, max_new: int) -> Rollout:
+        user, so_far = prompt.split("<|im_start|>assistant\n")
+        key = next(k for k in META if f"What is {k}?" in user)
+        if so_far:
+            text = CONTINUATIONS[so_far]
+        else:
+            text = (META if user.startswith("<|im_start|>user\nDo not solve") else SOLUTIONS)[key][j]
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        limit = min(budget or max_new, max_new)
+        if len(ids) > limit:
+            return Rollout(ids[:limit], [0.0] * limit, "cutoff" if limit < max_new else "length")
+        return Rollout(ids, [0.0] * len(ids), "stop")
+
+
+def scripted_grades(responses, answers, pool=None):
+    """Stands in for rewards.grade_batch: right when the last \\boxed{} holds exactly the answer."""
+    last = [r.rsplit("\\boxed{", 1)[-1].split("}")[0] if "\\boxed{" in r else None for r in responses]
+    return Grades([x == a for x, a in zip(last, answers)], last)
+
+
+@pytest.fixture(scope="module")
+def step(tmp_path_factory):
+    """One masa_efficient step (step 0: gating, cutoff, hints, behaviour cloning and the audit all on)."""
+    tokenizer = build_char_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    cfg = load_config(CONFIG, ["algorithm=masa_efficient", f"rollout.group_size={G}", f"rollout.meta_group_size={M}",
+                               f"rollout.max_response_tokens={BUDGET}", "train.batch_size=4",
+                               "efficient.bc_threshold=0.9", "efficient.gate_eps=0.05", "efficient.gate_std=0.1",
+                               "efficient.cutoff_factor=2.0"])
+    sampler = ScriptedSampler(tokenizer)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "generate", sampler)
+        patch.setattr(train, "grade_batch", scripted_grades)
+        data = train.collect(cfg, 0, Env(0, 1, torch.device("cpu")), None, tokenizer, None, PROBLEMS)
+    return cfg, tokenizer, sampler, data
+
+
+def episodes(data, path, prompt):
+    return [e for e in data.episodes if e.path == path and e.prompt_index == prompt]
+
+
+def normalized(rewards):
+    """(r - mean) / (sample std + 1e-6) of one group, 0 when all are equal (DESIGN.md §1, step 3)."""
+    mean, std = statistics.fmean(rewards), statistics.stdev(rewards)
+    return [0.0] * len(rewards) if std == 0 else [(r - mean) / (std + 1e-6) for r in rewards]
+
+
+# Meta scores worked by hand (b = 0.01; pass rate part b ** |p_true - k / G|):
+#   P1: p_true = 2/4 (the cut right answer earns nothing); correct lengths {10, 15}
+#       m0: pass 2/4 -> 1; length 12 in [10, 15] -> 1; "carry" in a right rollout only -> 1  => 1
+#       m1: pass 3/4 -> 0.01 ** 0.25; length 4 -> 0; no notions -> 0                          => 0.01 ** 0.25 / 3
+#       m2: unparseable                                                                      => 0
+#   P2: p_true = 1/4; correct lengths {20} (inclusive bounds: one right rollout still pays)
+#       m0, m1: pass 0 -> 0.01 ** 0.25; length 20 -> 1; "addition" in the right rollout only -> 1
+#       m2: pass 1/4 -> 1; 1; 1                                                              => 1
+ROOT4 = 0.01 ** 0.25
+META_SCORES = {1: [1.0, ROOT4 / 3, 0.0], 2: [(ROOT4 + 2) / 3, (ROOT4 + 2) / 3, 1.0]}
+META_PARTS = {1: [(1.0, 1.0, 1.0), (ROOT4, 0.0, 0.0), (0.0, 0.0, 0.0)],
+              2: [(ROOT4, 1.0, 1.0), (ROOT4, 1.0, 1.0), (1.0, 1.0, 1.0)]}
+
+
+def test_prompts_predicted_all_right_or_all_wrong_are_gated_and_get_no_solution_rollouts(step):
+    _, _, sampler, data = step
+    meta_call, solution_call = sampler.calls[0], sampler.calls[1]
+    assert meta_call["counts"] == [M] * 4 and all("Do not solve" in p for p in meta_call["prompts"])
+    assert solution_call["counts"] == [0, G, G, 0]  # P0 (all 4 of 4) and P3 (all 0) are gated
+    assert [len(episodes(data, "solution", i)) for i in range(4)] == [0, G, G, 0]
+
+
+def test_cutoff_budgets_are_twice_the_median_predicted_length(step):
+    _, _, sampler, data = step
+    # P0: 2 x 9; P1: 2 x median(12, 4) = 16 (the unparseable one has no length); P2: 2 x 20 = 40; P3: 2 x 5
+    assert sampler.calls[1]["budgets"] == [18, 16, 40, 10]
+    assert [e.finish_reason for e in episodes(data, "solution", 1)] == ["stop", "cutoff", "cutoff", "stop"]
+    assert [len(e.response_ids) for e in episodes(data, "solution", 1)] == [10, 16, 16, 15]
+
+
+def test_the_hint_is_the_notions_of_the_one_prediction_that_has_any(step):
+    _, _, sampler, _ = step
+    prompts = sampler.calls[1]["prompts"]
+    assert "What is 4+4? Let's think step by step" in prompts[1]
+    assert prompts[1].endswith("within \\boxed{}. Notions that may help: carry.<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[2].endswith("Notions that may help: addition.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_solution_rewards_and_advantages(step):
+    _, _, _, data = step
+    p1, p2 = episodes(data, "solution", 1), episodes(data, "solution", 2)
+    assert [e.correct for e in p1] == [True, False, True, True]  # graded as written
+    assert [e.reward for e in p1] == [1.0, 0.0, 0.0, 1.0]  # the cut right answer earns 0
+    assert [e.reward for e in p2] == [1.0, 0.0, 0.0, 0.0]
+    # P1: mean 1/2, sample std sqrt(1/3); P2: mean 1/4, sample std 1/2
+    s1, s2 = math.sqrt(1 / 3) + 1e-6, 0.5 + 1e-6
+    assert [e.advantage for e in p1] == pytest.approx([0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1], abs=1e-6)
+    assert [e.advantage for e in p2] == pytest.approx([0.75 / s2, -0.25 / s2, -0.25 / s2, -0.25 / s2], abs=1e-6)
+
+
+def test_meta_rewards_and_advantages_per_group_of_m(step):
+    _, _, _, data = step
+    for prompt, scores in META_SCORES.items():
+        meta = episodes(data, "meta", prompt)
+        assert [e.reward for e in meta] == pytest.approx(scores, abs=1e-9)
+        assert [(e.meta_parts["pass_rate"], e.meta_parts["length"], e.meta_parts["notion"]) for e in meta] == \
+            [pytest.approx(parts, abs=1e-9) for parts in META_PARTS[prompt]]
+        assert [e.advantage for e in meta] == pytest.approx(normalized(scores), abs=1e-6)
+        assert all(e.advantage != 0 for e in meta[:1])  # MASA's meta path does carry a gradient
+    assert episodes(data, "meta", 1)[2].prediction is None
+
+
+def test_which_rollouts_enter_the_loss(step):
+    _, _, _, data = step
+    in_loss = [(e.path, e.prompt_index) for e in data.episodes if e.in_loss]
+    # every solution rollout; the meta rollouts of the prompts that were not gated
+    assert in_loss == [("solution", 1)] * G + [("solution", 2)] * G + [("meta", 1)] * M + [("meta", 2)] * M
+    assert all(not e.in_loss for e in episodes(data, "meta", 0) + episodes(data, "meta", 3))
+
+
+def test_experts_are_the_best_meta_rollouts_with_the_true_statistics(step):
+    _, tokenizer, _, data = step
+    assert [(s, i) for s, i, _, _ in data.experts] == [(0, 1), (0, 2)]
+    targets = [tokenizer.decode(ids) for _, _, _, ids in data.experts]
+    # P1: m0 (score 1), 2 right rollouts of 10 and 15 tokens -> median 12.5 -> 12; P2: m2 (score 1)
+    assert targets == ['<meta>a carry</meta>\n{"math_notion": ["carry"], "pass_rate": 2, "solution_length": 12}'
+                       '<|im_end|>',
+                       '<meta></meta>\n{"math_notion": ["addition"], "pass_rate": 1, "solution_length": 20}<|im_end|>']
+    assert data.experts[0][2] == episodes(data, "meta", 1)[0].prompt_ids
+
+
+def test_the_audit_runs_what_gating_and_cutoff_skipped(step):
+    _, _, sampler, _ = step
+    gated_call, continuation_call = sampler.calls[2], sampler.calls[3]
+    assert gated_call["counts"] == [G, G] and "2+3" in gated_call["prompts"][0] and "1+1" in gated_call["prompts"][1]
+    assert continuation_call["counts"] == [1, 1] and continuation_call["budgets"] == [BUDGET - 16] * 2
+
+
+def test_step_metrics(step, one_process_group):
+    _, _, _, data = step
+    record = train.step_record(one_process_group, 0, data, {})
+    scored = [s for scores in META_SCORES.values() for s in scores]
+    parts = [p for ps in META_PARTS.values() for p in ps]
+    expected = {
+        "reward": 3 / 8, "accuracy": 4 / 8, "solution_rollouts": 8, "gated_fraction": 2 / 4, "cutoff_fraction": 2 / 8,
+        "solution_tokens": 10 + 16 + 16 + 15 + 20 + 11 * 3,
+        "meta_reward": sum(scored) / 6, "meta_pass_rate": sum(p[0] for p in parts) / 6,
+        "meta_length": sum(p[1] for p in parts) / 6, "meta_notion": sum(p[2] for p in parts) / 6,
+        # |k/G - p_true| over parsed pass rates of the scored meta rollouts: P1 0, 1/4; P2 1/4, 1/4, 0
+        "pass_rate_mae": (0 + 0.25 + 0.25 + 0.25 + 0) / 5, "meta_parse_failures": 1 / 12,
+        # the audit: P0 was not all-right after all (3 of 4), P3 really was all-wrong; of the two cut
+        # rollouts of P1, one would have ended wrong
+        "audit_gated": 2, "audit_gated_zero_variance": 1, "gating_precision": 0.5,
+        "audit_cut": 2, "audit_cut_wrong": 1, "cutoff_precision": 0.5,
+    }
+    assert {k: record[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert record["meta_tokens"] == sum(len(text) + 1 for texts in META.values() for text in texts)  # gated ones too
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    import torch.distributed as dist
+
+    import parallel
+
+    env = parallel.setup_distributed()
+    yield env
+    dist.destroy_process_group()
