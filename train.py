@@ -132,18 +132,18 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     masa.score_solutions(solutions)
     masa.score_meta(prompts, solutions, meta, G, cfg.meta.pass_rate_base)
     masa.assign_advantages(solutions, meta, G, M)
-    data = StepData(solutions + meta, step_metrics(cfg, prompts, solutions, meta, timeouts), seconds)
+    experts = []
     if cfg.algorithm == "masa_efficient" and cfg.efficient.behaviour_cloning:
         for prompt, target in masa.expert_targets(prompts, solutions, meta, cfg.efficient.bc_threshold):
             ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-            data.experts.append((step, prompt.index, prompt.meta_ids, ids))
+            experts.append((step, prompt.index, prompt.meta_ids, ids))
+    audited = {}
     if steers(cfg, step) and step % cfg.efficient.audit_every == 0:  # a measurement, not training: timed apart
         audit_started = time.perf_counter()
         seeds = (seed_for(cfg, step, env.rank, SEED_AUDIT_GATED), seed_for(cfg, step, env.rank, SEED_AUDIT_CUT))
-        for name, count in audit(cfg, actor, tokenizer, pool, seeds, prompts, solutions).items():
-            data.metrics.total(name, count)
-        data.seconds["time_audit"] = time.perf_counter() - audit_started
-    return data
+        audited = audit(cfg, actor, tokenizer, pool, seeds, prompts, solutions)
+        seconds["time_audit"] = time.perf_counter() - audit_started
+    return StepData(solutions + meta, step_metrics(cfg, prompts, solutions, meta, timeouts, audited), seconds, experts)
 
 
 def make_prompts(cfg: Config, tokenizer, problems: list[dict], first: int) -> list[Prompt]:
@@ -235,10 +235,12 @@ def audit(cfg: Config, actor, tokenizer, pool, seeds: tuple[int, int], prompts: 
 
 
 def step_metrics(cfg: Config, prompts: list[Prompt], solutions: list[Episode], meta: list[Episode],
-                 grader_timeouts: int) -> Tally:
-    """What metrics.jsonl records of a step's rollouts (README, Training)."""
+                 grader_timeouts: int, audited: dict[str, int]) -> Tally:
+    """What metrics.jsonl records of a step's rollouts (README, Training), and the audit's counts."""
     G = cfg.rollout.group_size
     m = Tally()
+    for name, count in audited.items():
+        m.total(name, count)
     m.mean("reward", [e.reward for e in solutions])
     m.mean("accuracy", [e.correct for e in solutions])  # cut-off rollouts graded as written
     m.total("solution_tokens", sum(len(e.response_ids) for e in solutions))
