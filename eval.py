@@ -37,7 +37,7 @@ import masa
 from config import PromptConfig, load_config
 from data import chat_ids, load_problems, stop_token_ids
 from model import Qwen3
-from rewards import GraderPool, Outcome, extract_answer, grade_batch, meta_reward, parse_meta
+from rewards import GraderPool, Outcome, grade_batch, meta_reward, parse_meta
 from rollout import SamplingParams, generate
 
 
@@ -89,10 +89,10 @@ def sample_problems(model, tokenizer, problems, args, pool, seed, template: Prom
                          pool) if prompts else None
     records = []
     for i, (problem, rs, ts) in enumerate(zip(problems, rollouts, texts)):
-        correct = grades.correct[i * args.n:(i + 1) * args.n]
+        part = slice(i * args.n, (i + 1) * args.n)
         records.append({"id": problem.get("id", i), "answer": problem["answer"], "responses": [
-            {"text": t, "extracted": extract_answer(t), "correct": c, "length": len(r.token_ids),
-             "finish_reason": r.finish_reason} for t, r, c in zip(ts, rs, correct)]})
+            {"text": t, "extracted": x, "correct": c, "length": len(r.token_ids), "finish_reason": r.finish_reason}
+            for t, r, x, c in zip(ts, rs, grades.extracted[part], grades.correct[part])]})
     if args.meta and prompts:
         meta_params = SamplingParams(n=args.meta_n, temperature=args.temperature, top_p=args.top_p,
                                      max_new_tokens=args.meta_max_new_tokens, stop_token_ids=params.stop_token_ids)

@@ -162,10 +162,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
     def max_len(self) -> int:
         return self.k.shape[3]
 

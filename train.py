@@ -52,7 +52,7 @@ from masa import Episode, Prompt
 from model import PRESETS, Qwen3
 from parallel import Env, Tally, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
 from plan import GIB, memory_plan, print_plan
-from rewards import GraderPool, grade_batch, parse_meta
+from rewards import GraderPool, Grades, grade_batch, parse_meta
 from rollout import SamplingParams, generate
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     prompts = make_prompts(cfg, tokenizer, problems, first=step * cfg.train.batch_size + env.rank * len(problems))
     solutions, meta = sample_step(cfg, step, env, actor, tokenizer, prompts)
     sampled = time.perf_counter()
-    timeouts = grade(solutions, prompts, pool)
+    grades = grade(solutions, prompts, pool)
     seconds = {"time_rollout": sampled - started, "time_grading": time.perf_counter() - sampled}
     masa.score_solutions(solutions)
     masa.score_meta(prompts, solutions, meta, G, cfg.meta.pass_rate_base)
@@ -143,7 +143,7 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
         seeds = (seed_for(cfg, step, env.rank, SEED_AUDIT_GATED), seed_for(cfg, step, env.rank, SEED_AUDIT_CUT))
         audited = audit(cfg, actor, tokenizer, pool, seeds, prompts, solutions)
         seconds["time_audit"] = time.perf_counter() - audit_started
-    return StepData(solutions + meta, step_metrics(cfg, prompts, solutions, meta, timeouts, audited), seconds, experts)
+    return StepData(solutions + meta, step_metrics(cfg, prompts, solutions, meta, grades, audited), seconds, experts)
 
 
 def make_prompts(cfg: Config, tokenizer, problems: list[dict], first: int) -> list[Prompt]:
@@ -193,16 +193,16 @@ def sample(cfg: Config, actor: Qwen3, tokenizer, requests: list[tuple[Prompt, st
     return episodes
 
 
-def grade(solutions: list[Episode], prompts: list[Prompt], pool: GraderPool) -> int:
+def grade(solutions: list[Episode], prompts: list[Prompt], pool: GraderPool) -> Grades:
     """Set each solution episode's `correct` (its final boxed answer against its prompt's gold answer,
-    as written: the cutoff rule is masa.score_solutions'). Returns the grader's timeouts."""
+    as written: the cutoff rule is masa.score_solutions'). Returns the grades (timeouts, errors)."""
     if not solutions:
-        return 0
+        return Grades([], [])
     answers = {p.index: p.answer for p in prompts}
     grades = grade_batch([e.text for e in solutions], [answers[e.prompt_index] for e in solutions], pool)
     for e, correct in zip(solutions, grades.correct):
         e.correct = bool(correct)
-    return grades.timeouts
+    return grades
 
 
 def audit(cfg: Config, actor, tokenizer, pool, seeds: tuple[int, int], prompts: list[Prompt],
@@ -235,7 +235,7 @@ def audit(cfg: Config, actor, tokenizer, pool, seeds: tuple[int, int], prompts: 
 
 
 def step_metrics(cfg: Config, prompts: list[Prompt], solutions: list[Episode], meta: list[Episode],
-                 grader_timeouts: int, audited: dict[str, int]) -> Tally:
+                 grades: Grades, audited: dict[str, int]) -> Tally:
     """What metrics.jsonl records of a step's rollouts (README, Training), and the audit's counts."""
     G = cfg.rollout.group_size
     m = Tally()
@@ -247,7 +247,8 @@ def step_metrics(cfg: Config, prompts: list[Prompt], solutions: list[Episode], m
     m.total("solution_rollouts", len(solutions))
     m.mean("cutoff_fraction", [e.finish_reason == "cutoff" for e in solutions])
     m.mean("gated_fraction", [p.gated for p in prompts])
-    m.total("grader_timeouts", grader_timeouts)
+    m.total("grader_timeouts", grades.timeouts)  # symbolic checks killed at the timeout (scored 0)
+    m.total("grader_errors", grades.errors)  # symbolic checks that raised (scored 0)
     if cfg.algorithm == "grpo":
         return m
     scored = [e for e in meta if e.in_loss]

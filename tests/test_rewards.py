@@ -429,9 +429,9 @@ def test_parse_meta_and_meta_reward_compose():
 
 
 def test_without_math_verify_symbolic_items_grade_wrong_with_a_warning(monkeypatch, capsys):
-    import rewards
+    import grader_pool
 
-    monkeypatch.setattr(rewards, "_SYMBOLIC", None)
+    monkeypatch.setattr(grader_pool, "_SYMBOLIC", None)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     grades = grade_batch([r"\boxed{\sqrt{2}/2}", r"\boxed{0.5}"], [r"\frac{\sqrt{2}}{2}", "1/2"], GraderPool())
     assert grades.correct == [False, True]  # the second is settled by exact rationals, no symbolic check
