@@ -59,12 +59,22 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
     return problems
 
 
-def training_problems(cfg) -> list[dict]:
+def training_problems(cfg, tokenizer, verbose: bool = True) -> list[dict]:
     """The problems a run trains on (cfg: config.Config): generated with the run's seed for
-    data.source: arithmetic (the CPU demo), else read from data.train_path."""
+    data.source: arithmetic (the CPU demo), else read from data.train_path; those whose prompts (the
+    meta prompt too, unless GRPO) exceed rollout.max_prompt_tokens are dropped, with a note."""
     if cfg.data.source == "arithmetic":
-        return arithmetic_problems(cfg.data.arithmetic_count, cfg.train.seed, tuple(cfg.data.arithmetic_digits))
-    return load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
+        problems = arithmetic_problems(cfg.data.arithmetic_count, cfg.train.seed, tuple(cfg.data.arithmetic_digits))
+    else:
+        problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
+    kept = [p for p in problems if prompts_fit(tokenizer, cfg, p["problem"])]
+    if not kept:
+        raise ValueError(f"no problem in {cfg.data.train_path} fits rollout.max_prompt_tokens="
+                         f"{cfg.rollout.max_prompt_tokens} (meta prompt included); raise the limit")
+    if verbose and len(kept) < len(problems):
+        print(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose prompts exceed "
+              f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
+    return kept
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]

@@ -45,36 +45,15 @@ import torch.distributed as dist
 import checkpoints
 import masa
 from config import Config, load_config
-from data import (ARITHMETIC_WORDS, WarmStartExamples, build_char_tokenizer, load_problems, meta_prompt_ids,
-                  prompts_fit, solution_prompt_ids, stop_token_ids, training_problems)
+from data import (WarmStartExamples, load_problems, meta_prompt_ids, solution_prompt_ids, stop_token_ids,
+                  training_problems)
 from eval import plot_training, run_summary, sample_problems
 from masa import Episode, Prompt
-from model import PRESETS, Qwen3
+from model import Qwen3
 from parallel import Env, Tally, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
 from plan import GIB, memory_plan, print_plan
 from rewards import GraderPool, Grades, grade_batch, parse_meta
 from rollout import SamplingParams, generate
-
-# ---------------------------------------------------------------------------------------------------
-# Setup
-
-
-def initial_model(cfg: Config, env: Env) -> str:
-    """The checkpoint training starts from: model.path, or for model.init: random a new model of
-    model.preset's shape with a character tokenizer, written once to checkpoint.dir/initial (the CPU
-    demo), so that every later step loads it exactly as it would load a pretrained checkpoint."""
-    if cfg.model.init == "pretrained":
-        return cfg.model.path
-    from dataclasses import replace
-
-    path = Path(cfg.checkpoint.dir) / "initial"
-    if env.main and not (path / "config.json").is_file():
-        tokenizer = build_char_tokenizer(path, words=ARITHMETIC_WORDS)
-        torch.manual_seed(cfg.train.seed)
-        Qwen3(replace(PRESETS[cfg.model.preset], vocab_size=len(tokenizer))).save_pretrained(path)
-    dist.barrier()
-    return str(path)
-
 
 # ---------------------------------------------------------------------------------------------------
 # One step's rollouts, rewards and advantages
@@ -464,16 +443,9 @@ def prepare(cfg: Config, env: Env) -> Run:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model_path = initial_model(cfg, env)
+    model_path = checkpoints.initial_model(cfg, env.rank)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems = training_problems(cfg)
-    kept = [p for p in problems if prompts_fit(tokenizer, cfg, p["problem"])]
-    if not kept:
-        raise ValueError(f"no problem in {cfg.data.train_path} fits rollout.max_prompt_tokens="
-                         f"{cfg.rollout.max_prompt_tokens} (meta prompt included); raise the limit")
-    if env.main and len(kept) < len(problems):
-        print(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose prompts exceed "
-              f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
+    problems = training_problems(cfg, tokenizer, verbose=env.main)
     low = getattr(torch, cfg.model.dtype)
     policy = build_policy(cfg, env, model_path)
     actor = Qwen3.from_pretrained(model_path, dtype=low, device=env.device).eval()
@@ -484,14 +456,14 @@ def prepare(cfg: Config, env: Env) -> Run:
                                   weight_decay=cfg.optim.weight_decay)
     warmup = max(1, cfg.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    run = Run(tokenizer, kept, policy, actor, reference, optimizer, scheduler)
+    run = Run(tokenizer, problems, policy, actor, reference, optimizer, scheduler)
     resumed = checkpoints.load(cfg, env.rank, policy, optimizer, scheduler)
     if resumed:
         run.start, extra = resumed
         run.bc_buffer = extra.get("bc_buffer", [])
         refresh_actor(actor, policy)
     elif cfg.warm_start.steps:  # checkpointed as step 0, so a resumed run never repeats it
-        warm_start(cfg, env, policy, tokenizer, kept)
+        warm_start(cfg, env, policy, tokenizer, problems)
         refresh_actor(actor, policy)
         save(cfg, env, run, 0)
     return run
