@@ -7,7 +7,9 @@ In order:
 1. ceilings: the device's copy bandwidth and matmul rate (bf16 on a GPU), measured once;
 2. kernel accuracy: kernels.token_logprobs and kernels.linear_token_logprobs (Triton) in fp32 and
    bf16 (bf16 on a GPU only: the CPU interpreter gets bf16 arithmetic wrong) against float64
-   references on the same inputs at V = 151936 (2049 on a CPU): log-probs, entropy, gradients;
+   references on the same inputs at V = 151936 (2049 on a CPU): log-probs, entropy, gradients; and
+   kernels.paged_decode_attention against its float64 twin at Qwen3-8B's attention shape, with its
+   time against the live keys and values it reads;
 3. bench/kernels.py and bench/sampler.py at the sizes their issues name (toy sizes on a CPU);
 4. a few MASA training steps (train.py, one process) on Qwen3-1.7B shapes with random weights and a
    character tokenizer (real vocabulary size; responses run to their budget, as a random model's do),
@@ -111,6 +113,7 @@ def run(args, torch) -> list[tuple]:
     for dt in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
         rows += kernel_accuracy(torch, device, dt, tokens=1024 if gpu else 32, vocab=151936 if gpu else 2049,
                                 hidden=2048 if gpu else 64)
+        rows += paged_attention_check(torch, device, dt, bandwidth, gpu)
 
     # 3. the kernel and sampler benchmarks ---------------------------------------------------------
     from bench import kernels as kernel_bench
@@ -135,6 +138,52 @@ def run(args, torch) -> list[tuple]:
 
     # 4. training steps on real shapes --------------------------------------------------------------
     rows += training_steps(args, torch, gpu)
+    return rows
+
+
+def paged_attention_check(torch, device, dtype, bandwidth: float, gpu: bool) -> list[tuple]:
+    """kernels.paged_decode_attention (Triton) against its float64 twin on a shuffled pool: Qwen3-8B's
+    attention shape (32 query / 8 key-value heads of 128) and 64 sequences of up to 8192 positions on
+    a GPU, toy sizes on a CPU; on a GPU also its time against the live keys and values it must read."""
+    import kernels
+    from bench.common import sync
+    from kernels import reference
+    from kernels.paged_attention import BLOCK_SIZE
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, H, Hkv, D, longest = (64, 32, 8, 128, 8192) if gpu else (4, 4, 2, 32, 100)
+    lengths = torch.randint(1, longest + 1, (B,), generator=g)
+    need = (lengths + BLOCK_SIZE - 1) // BLOCK_SIZE
+    blocks = int(need.sum())
+    table = torch.zeros(B, int(need.max()), dtype=torch.int32)
+    order, used = torch.randperm(blocks, generator=g), 0
+    for b, n in enumerate(need.tolist()):
+        table[b, :n], used = order[used:used + n].int(), used + n
+    k_pool = torch.randn(blocks, Hkv, BLOCK_SIZE, D, generator=g).to(device, dtype)
+    v_pool = torch.randn(blocks, Hkv, BLOCK_SIZE, D, generator=g).to(device, dtype)
+    q = torch.randn(B, H, D, generator=g).to(device, dtype)
+    table, lens = table.to(device), lengths.int().to(device)
+    out = kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, longest)
+    ref = reference.paged_decode_attention(q.double(), k_pool.double(), v_pool.double(), table, lens, longest)
+    err = (out.double() - ref).abs().max().item()
+    bar = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    tag = str(dtype)[6:]
+    print(f"paged decode attention {tag}: {B} sequences of 1..{longest} positions, max |out - float64| {err:.2e}")
+    rows = [(f"paged decode attention {tag}: error", f"{err:.1e}", f"<= {bar:.0e}", err <= bar)]
+    if gpu:
+        times = []
+        for i in range(12):
+            sync(device)
+            t0 = time.perf_counter()
+            kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, longest)
+            sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        live_bytes = 2 * int(lengths.sum()) * Hkv * D * k_pool.element_size()
+        share = live_bytes / statistics.median(times) / bandwidth
+        print(f"paged decode attention {tag}: {statistics.median(times) * 1e6:.0f} us for {live_bytes / 1e6:.0f} MB "
+              f"of live keys and values, {share:.0%} of copy bandwidth")
+        rows.append((f"paged decode attention {tag}: of bandwidth floor", _pct(share), "", None))
     return rows
 
 

@@ -3,6 +3,7 @@
     token_logprobs(logits, targets, temperature=1.0) -> (logprobs, entropy)
     linear_token_logprobs(hidden, weight, targets, temperature=1.0) -> (logprobs, entropy)
     group_advantages(rewards, group_size, eps=1e-6) -> advantages
+    paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len) -> out
 
 `MASA_KERNELS` picks the implementation, read at every call: `triton`, `torch`, or `auto` (the
 default: Triton for CUDA tensors, PyTorch otherwise). With TRITON_INTERPRET=1 set before the first
@@ -58,3 +59,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     impl = _triton("advantage") if backend(rewards.device) == "triton" else reference
     return impl.group_advantages(rewards, group_size, eps)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Decode attention of one query token per sequence over its live positions in a paged KV pool
+    (kernels/paged_attention.py): q [B, H, D], pools [blocks, Hkv, BS, D] -> [B, H, D]."""
+    impl = _triton("paged_attention") if backend(q.device) == "triton" else reference
+    return impl.paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len)

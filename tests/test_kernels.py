@@ -239,3 +239,96 @@ def test_outputs_can_be_modified_in_place_and_double_backward_is_refused():
     lp.masked_fill_(torch.tensor([True, False]), 0.0)  # separate tensors, as the reference returns
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(lp.sum() + ent.sum(), x, create_graph=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# paged decode attention
+
+paged = pytest.importorskip("kernels.paged_attention", reason="triton is not installed")
+
+
+def paged_case(lengths, heads, kv_heads, head_dim, seed=0, shared_first_block=False):
+    """Each sequence's keys and values as contiguous float64 tensors, the same scattered into a pool of
+    16-position blocks in shuffled order (positions past a sequence's end hold large garbage), and the
+    block table. With shared_first_block, sequences 0 and 1 share their first block (a shared prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    BS = paged.BLOCK_SIZE
+    keys = [torch.randn(kv_heads, n, head_dim, generator=g, dtype=torch.float64) for n in lengths]
+    values = [torch.randn(kv_heads, n, head_dim, generator=g, dtype=torch.float64) for n in lengths]
+    if shared_first_block:
+        keys[1][:, :BS], values[1][:, :BS] = keys[0][:, :BS], values[0][:, :BS]
+    need = [-(-n // BS) for n in lengths]
+    order = torch.randperm(sum(need) + 3, generator=g).tolist()
+    k_pool = 100 * torch.randn(len(order), kv_heads, BS, head_dim, generator=g, dtype=torch.float64)
+    v_pool = 100 * torch.randn(len(order), kv_heads, BS, head_dim, generator=g, dtype=torch.float64)
+    table = torch.full((len(lengths), max(need) + 2), len(order) - 1, dtype=torch.int32)  # unused entries
+    for b, n in enumerate(lengths):
+        for i in range(need[b]):
+            block = order.pop()
+            if shared_first_block and b == 1 and i == 0:
+                block = int(table[0, 0])
+            table[b, i] = block
+            live = min(BS, n - i * BS)
+            k_pool[block, :, :live] = keys[b][:, i * BS:i * BS + live]
+            v_pool[block, :, :live] = values[b][:, i * BS:i * BS + live]
+    q = torch.randn(len(lengths), heads, head_dim, generator=g, dtype=torch.float64)
+    return q, k_pool, v_pool, table, keys, values
+
+
+def dense_attention(q, keys, values):
+    """softmax(q k^T / sqrt(D)) v per sequence, from its contiguous keys and values, float64."""
+    out = []
+    for b, (k, v) in enumerate(zip(keys, values)):
+        kv_heads, _, D = k.shape
+        folded = q[b].reshape(kv_heads, -1, D)  # query head h uses key-value head h // rep
+        out.append((torch.softmax(folded @ k.transpose(1, 2) / D ** 0.5, dim=-1) @ v).reshape(-1, D))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("lengths,heads,kv_heads,head_dim,splits", [
+    ([1, 15, 16, 17, 33, 100], 4, 2, 16, None),  # block boundaries, GQA 2
+    ([1, 15, 16, 17, 33, 300], 8, 2, 24, 3),  # head_dim not a power of two, GQA 4, three splits
+    ([5, 200], 6, 2, 8, 5),  # GQA 3 (padded query heads), more splits than one sequence has blocks
+    ([64, 129], 4, 4, 32, 2),  # no GQA
+])
+def test_paged_decode_attention_matches_the_twin_and_dense_float64(lengths, heads, kv_heads, head_dim, splits):
+    q, k_pool, v_pool, table, keys, values = paged_case(lengths, heads, kv_heads, head_dim)
+    expected = dense_attention(q, keys, values)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    args = (q.float(), k_pool.float(), v_pool.float(), table, lens, max(lengths))
+    twin = reference.paged_decode_attention(*args)
+    ours = paged.paged_decode_attention(*args, splits=splits)
+    assert (twin.double() - expected).abs().max() <= 1e-5
+    assert (ours.double() - expected).abs().max() <= 1e-5
+
+
+def test_paged_decode_attention_reads_a_shared_prompt_block_for_both_sequences(monkeypatch):
+    q, k_pool, v_pool, table, keys, values = paged_case([40, 23], 4, 2, 16, seed=1, shared_first_block=True)
+    assert table[0, 0] == table[1, 0]
+    monkeypatch.setenv("MASA_KERNELS", "triton")
+    ours = kernels.paged_decode_attention(q.float(), k_pool.float(), v_pool.float(), table,
+                                          torch.tensor([40, 23], dtype=torch.int32), 40)
+    assert (ours.double() - dense_attention(q, keys, values)).abs().max() <= 1e-5
+
+
+def test_split_count_fills_the_gpu_without_tiny_splits():
+    assert paged.split_count(batch=1, kv_heads=8, max_len=8192, multiprocessors=132) == 32  # 33 wanted, 32 fit
+    assert paged.split_count(batch=64, kv_heads=8, max_len=8192, multiprocessors=132) == 1  # 512 programs already
+    assert paged.split_count(batch=1, kv_heads=8, max_len=300, multiprocessors=132) == 2  # >= 256 positions each
+
+
+def test_every_triton_kernel_compiles_for_sm90a_and_sm80_without_spills():
+    """The interpreter accepts code that the real compiler rejects: compile each kernel ahead of time
+    (kernels/aot.py, no GPU needed) and read registers and spills from ptxas."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-m", "kernels.aot"], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "sm_" in line]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert len(rows) == 2 * 13 and all(row.rstrip().endswith("| ok |") for row in rows)
