@@ -34,12 +34,27 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
 from model import KVCache, Qwen3
 
-FINISH_REASONS = {1: "stop", 2: "length", 3: "cutoff"}
+
+
+class FinishReason(str, Enum):
+    """Why a rollout ended. A str, so it compares equal to (and serializes as) its value."""
+    STOP = "stop"  # a stop token was sampled (it is included in token_ids)
+    LENGTH = "length"  # max_new_tokens reached
+    CUTOFF = "cutoff"  # the sequence's own budget (early cutoff), smaller than max_new_tokens
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def code(self) -> int:
+        """Its number in the sampler's on-device finish tensor (0: still running)."""
+        return list(FinishReason).index(self) + 1
 
 
 @dataclass
@@ -64,7 +79,7 @@ class SamplingParams:
 class Rollout:
     token_ids: list[int]  # generated tokens only (not the prompt); a stop token is included
     logprobs: list[float] = field(repr=False)  # one per token, float32 values (see module docstring)
-    finish_reason: str = "length"  # "stop" | "length" | "cutoff"
+    finish_reason: FinishReason = FinishReason.LENGTH
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,7 +117,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
              budgets: list[int | None] | None = None, seed: int | None = None, *,
              counts: list[int] | None = None, slots: int | None = None, sync_every: int | None = None,
-             progress: bool = False, decode_step=None) -> list[list[Rollout]]:
+             progress: bool = False, decode_step=None, stats: dict | None = None) -> list[list[Rollout]]:
     """Sample `params.n` continuations of every prompt (lists of token ids).
 
     counts: optional samples per prompt, overriding params.n (the trainer samples G solutions and
@@ -116,6 +131,8 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     sync_every: decode steps between host reads of which slots finished (default 1 on a CPU, where
         reading is free, 16 on a GPU).
     decode_step: optional replacement for `decode`, e.g. torch.compile(rollout.decode).
+    stats: optional dict that receives the engine's hardware-independent counters (EngineStats'
+        fields), for bench/sampler.py.
     """
     if not prompts:
         return []
@@ -150,7 +167,7 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     count = torch.zeros(S, dtype=torch.long, device=device)  # tokens generated so far
     budget = torch.ones(S, dtype=torch.long, device=device)
     active = torch.zeros(S, dtype=torch.bool, device=device)
-    finish = torch.zeros(S, dtype=torch.long, device=device)  # codes of FINISH_REASONS
+    finish = torch.zeros(S, dtype=torch.long, device=device)  # FinishReason.code, 0 while running
     out_tokens = torch.zeros(S, max_new, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(S, max_new, dtype=torch.float32, device=device)
     stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
@@ -202,7 +219,7 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
             toks, lps = out_tokens[idx].tolist(), out_logprobs[idx].tolist()
             for s, c, r, t, lp in zip(done, counts, reasons, toks, lps):
                 p, j = owner[s]
-                results[p][j] = Rollout(t[:c], lp[:c], FINISH_REASONS[r])
+                results[p][j] = Rollout(t[:c], lp[:c], list(FinishReason)[r - 1])
                 owner[s] = None
             generated[0] += sum(counts)
             bar.set_postfix(tokens=generated[0], refresh=False)
@@ -213,8 +230,10 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     deadline = [0] * S
     admit(list(range(S)))
     steps_since_sync = 0
+    counters = EngineStats(rows=S)
     while any(o is not None for o in owner):
         kv_len = min(cache.max_len, _round_up(max(host_len[s] for s in range(S) if owner[s] is not None), bucket))
+        counters.count_step([host_len[s] for s in range(S) if owner[s] is not None], S * kv_len)
         logits = step(model, cache, token, pos, kv_len)  # [S, V]
         new_token, new_logprob = sample(logits, params, generator)
         column = count.clamp(max=max_new - 1)
@@ -223,9 +242,9 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         count += active
         stopped = torch.isin(new_token, stop_ids) & active
         exhausted = (count >= budget) & active & ~stopped
-        finish.masked_fill_(stopped, 1)
-        finish.masked_fill_(exhausted & (budget >= max_new), 2)
-        finish.masked_fill_(exhausted & (budget < max_new), 3)
+        finish.masked_fill_(stopped, FinishReason.STOP.code)
+        finish.masked_fill_(exhausted & (budget >= max_new), FinishReason.LENGTH.code)
+        finish.masked_fill_(exhausted & (budget < max_new), FinishReason.CUTOFF.code)
         active &= ~(stopped | exhausted)
         token.copy_(new_token)
         pos.add_(1).clamp_(max=cache.max_len - 1)  # idle slots keep writing into their own row
@@ -241,7 +260,31 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
             if free and work:
                 admit(free)
     bar.close()
+    if stats is not None:
+        counters.generated_tokens = generated[0]
+        stats.update(vars(counters))
     return results
+
+
+@dataclass
+class EngineStats:
+    """What one generate call did, in units that do not depend on the hardware (bench/sampler.py turns
+    them into a decode-time bound on a stated memory bandwidth): each decode step reads the weights
+    once and, per sequence row it computes, the keys and values its attention spans."""
+    rows: int  # sequence rows each decode step computes (the pool's slots, busy or idle)
+    decode_steps: int = 0
+    live_sequences: int = 0  # summed over steps: sequences holding a slot (decoded together)
+    peak_live_sequences: int = 0
+    kv_positions_read: int = 0  # summed over steps and rows: positions the attention spans
+    kv_positions_live: int = 0  # summed over steps: the live sequences' own lengths
+    generated_tokens: int = 0
+
+    def count_step(self, live_lengths: list[int], positions_read: int):
+        self.decode_steps += 1
+        self.live_sequences += len(live_lengths)
+        self.peak_live_sequences = max(self.peak_live_sequences, len(live_lengths))
+        self.kv_positions_read += positions_read
+        self.kv_positions_live += sum(live_lengths)
 
 
 def decode(model: Qwen3, cache: KVCache, token: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:

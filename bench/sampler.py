@@ -1,7 +1,9 @@
-"""Rollout throughput: rollout.generate against transformers' generate on the same model and prompts.
+"""Rollout throughput: rollout.generate against transformers' generate on the same model and prompts,
+and the engine's hardware-independent counters on a long-tailed RL workload.
 
     python bench/sampler.py            # CUDA: Qwen3-1.7B shapes, random bf16 weights, 64 prompts x 16, 2048 tokens
     python bench/sampler.py --cpu      # a small random model on the CPU, 8 prompts x 16, 64 tokens
+    python bench/sampler.py --long-tail [--baseline REV] [--json FILE]
 
 Both sides decode greedily (so their outputs can be compared token for token) for exactly
 max_new_tokens tokens (no stop token), and tokens/s counts generated tokens over wall time,
@@ -10,10 +12,25 @@ static cache); on a GPU it runs only `--hf-prompts` of the prompts, since its ba
 sequence at once. The decode floor is what memory bandwidth allows: each decode step must read the
 weights and every live sequence's keys/values, so floor tokens/s = slots x bandwidth / (weight bytes
 + slots x mean live length x KV bytes per token).
+
+--long-tail: GRPO's shape at 1/32 of the paper's lengths, on the CPU. 32 prompts x G = 16 samples
+(512 sequences: what one of 8 GPUs samples per step with B = 128 and G = M = 16), 16-token prompts,
+a 256-token budget, temperature 1; the first 28 of the 2048 vocabulary ids stop a sequence, so a
+random model stops with probability about 1.4% per token: lengths are geometric, median about 1/5
+of the budget, with a tail to it (the run prints the distribution it got). The KV memory is fixed
+at --kv-positions (default 22 x 272: the 22 slots `train.py configs/qwen3_8b.yaml --plan` gives
+today, at this scale). The engine's counters (rollout.EngineStats) give, per generated token, the
+decode steps (each reads the weights once) and the KV positions the attention spans; from them a
+decode-time bound on a stated bandwidth (H100 3.35 TB/s, H200 4.8 TB/s), for this model and for
+Qwen3-8B with every length scaled by 32 (32x the steps, 32^2 x the KV positions read). A bound from
+counters, not a GPU measurement. --baseline REV runs the same workload with the engine of git
+revision REV (its own bench/sampler.py, from a temporary worktree) in the same run.
 """
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +60,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--hf-prompts", type=int, help="prompts transformers runs (default: all on a CPU, 4 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
+    parser.add_argument("--long-tail", action="store_true", help="the long-tailed workload's counters (CPU)")
+    parser.add_argument("--kv-positions", type=int, default=22 * (16 + 256), help="--long-tail's KV memory")
+    parser.add_argument("--baseline", help="--long-tail: also run git revision REV's engine, for comparison")
+    parser.add_argument("--json", type=Path, help="--long-tail: write the results here")
     args = parser.parse_args(argv)
+    if args.long_tail:
+        return long_tail_report(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     big = device.type == "cuda"
     config = PRESETS["1.7B"] if big else SMALL
@@ -123,6 +146,95 @@ def main(argv=None) -> dict:
     print(f"identical greedy outputs on the sequences both ran: {same:.1%}; "
           f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, decode floor {floor:,.0f} tokens/s")
     return {"speedup": ours_rate / hf_rate, "of_floor": ours_rate / floor, "identical": same, "tokens_per_s": ours_rate}
+
+
+BANDWIDTHS = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, HBM3 / HBM3e
+SCALE = 32  # the paper's 8192-token budget over this workload's 256
+
+
+def long_tail(kv_positions: int) -> dict:
+    """Run the long-tailed workload once; return the engine's counters, the length distribution and
+    the CPU wall time."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = Qwen3(SMALL).eval()
+    prompts = torch.randint(0, SMALL.vocab_size, (32, 16)).tolist()
+    budget = 256
+    params = SamplingParams(n=16, temperature=1.0, max_new_tokens=budget, stop_token_ids=tuple(range(28)))
+    generate(model, prompts[:1], replace(params, n=2, max_new_tokens=8), seed=1, slots=2)  # warm-up
+    stats = {}
+    t0 = time.perf_counter()
+    out = generate(model, prompts, params, seed=0, slots=kv_positions // (16 + budget), stats=stats)
+    seconds = time.perf_counter() - t0
+    lengths = sorted(len(r.token_ids) for rs in out for r in rs)
+    return {"stats": stats, "seconds": seconds, "weight_bytes": sum(p.numel() * 4 for p in model.parameters()),
+            "kv_bytes_per_position": 2 * SMALL.num_hidden_layers * SMALL.num_key_value_heads * SMALL.head_dim * 4,
+            "lengths": {"median": statistics.median(lengths), "p90": lengths[int(0.9 * len(lengths))],
+                        "mean": statistics.fmean(lengths), "at_budget": sum(n == budget for n in lengths) / len(lengths)}}
+
+
+def derived(run: dict) -> dict:
+    """Per-token counters and decode-time bounds from one long_tail run."""
+    s = run["stats"]
+    tokens = s["generated_tokens"]
+    qwen8b = PRESETS["8B"]
+    weight_8b = qwen8b.num_parameters() * 2  # bf16
+    kv_8b = 2 * qwen8b.num_hidden_layers * qwen8b.num_key_value_heads * qwen8b.head_dim * 2
+    out = {"mean_concurrency": s["live_sequences"] / s["decode_steps"], "peak_concurrency": s["peak_live_sequences"],
+           "kv_read_per_token": s["kv_positions_read"] / tokens, "kv_live_per_token": s["kv_positions_live"] / tokens,
+           "weight_bytes_per_token": s["decode_steps"] * run["weight_bytes"] / tokens,
+           "cpu_tokens_per_s": tokens / run["seconds"]}
+    for gpu, bandwidth in BANDWIDTHS.items():
+        small = s["decode_steps"] * run["weight_bytes"] + s["kv_positions_read"] * run["kv_bytes_per_position"]
+        out[f"bound_small_{gpu}"] = tokens / (small / bandwidth)
+        big = SCALE * s["decode_steps"] * weight_8b + SCALE ** 2 * s["kv_positions_read"] * kv_8b
+        out[f"bound_8b_{gpu}"] = SCALE * tokens / (big / bandwidth)
+    return out
+
+
+def long_tail_report(args) -> dict:
+    runs = {"this tree": long_tail(args.kv_positions)}
+    if args.baseline:
+        runs[args.baseline] = baseline_run(args.baseline, args.kv_positions)
+    print(f"long-tailed workload: 32 prompts x 16 samples, 16-token prompts, budget 256, KV memory "
+          f"{args.kv_positions} positions, small random model (CPU)")
+    rows = [("lengths: median / p90 / mean / at budget", lambda r, d: f"{r['lengths']['median']:.0f} / "
+             f"{r['lengths']['p90']} / {r['lengths']['mean']:.1f} / {r['lengths']['at_budget']:.1%}"),
+            ("decode steps", lambda r, d: f"{r['stats']['decode_steps']:,}"),
+            ("sequences decoded together: mean / peak", lambda r, d: f"{d['mean_concurrency']:.1f} / "
+             f"{d['peak_concurrency']}"),
+            ("KV positions read per generated token", lambda r, d: f"{d['kv_read_per_token']:.1f}"),
+            ("  live positions per generated token", lambda r, d: f"{d['kv_live_per_token']:.1f}"),
+            ("  read / live", lambda r, d: f"{d['kv_read_per_token'] / d['kv_live_per_token']:.2f}x"),
+            ("weight bytes per generated token", lambda r, d: f"{d['weight_bytes_per_token'] / 1e6:.2f} MB"),
+            ("CPU tokens/s (measured)", lambda r, d: f"{d['cpu_tokens_per_s']:,.0f}")]
+    for gpu in BANDWIDTHS:
+        rows.append((f"decode bound, this model, {gpu} (tokens/s)", lambda r, d, g=gpu: f"{d[f'bound_small_{g}']:,.0f}"))
+        rows.append((f"decode bound, Qwen3-8B x32 lengths, {gpu}", lambda r, d, g=gpu: f"{d[f'bound_8b_{g}']:,.0f}"))
+    results = {name: {**run, "derived": derived(run)} for name, run in runs.items()}
+    print("| counter | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for label, cell in rows:
+        print(f"| {label} | " + " | ".join(cell(r, r["derived"]) for r in results.values()) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def baseline_run(revision: str, kv_positions: int) -> dict:
+    """long_tail with git revision `revision`'s engine and bench script, from a temporary worktree."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), revision], check=True,
+                       capture_output=True)
+        try:
+            out = Path(tmp) / "baseline.json"
+            subprocess.run([sys.executable, str(tree / "bench" / "sampler.py"), "--long-tail", "--kv-positions",
+                            str(kv_positions), "--json", str(out)], check=True, cwd=tree, capture_output=True)
+            return json.loads(out.read_text())["this tree"]
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 if __name__ == "__main__":

@@ -227,3 +227,16 @@ def test_no_decode_step_is_wasted_once_every_sequence_must_be_done(pair):
 
     generate(model, PROMPTS, SamplingParams(n=2, max_new_tokens=2), sync_every=16, decode_step=counting_step)
     assert len(calls) == 2
+
+
+def test_engine_counters_count_steps_sequences_and_positions(pair):
+    """rollout.EngineStats, which bench/sampler.py turns into decode bounds, against a hand count: one
+    3-token prompt, 2 samples in 2 slots, 4 tokens each (no stop token). Before step t (t = 0..3) each
+    sequence holds 3 + t positions; each step attends, per row, to the whole 7-position cache (the CPU
+    rounding to 16 positions, capped at the cache's 3 + 4)."""
+    _, model = pair
+    stats = {}
+    out = generate(model, [[4, 8, 15]], SamplingParams(n=2, max_new_tokens=4), seed=0, slots=2, stats=stats)
+    assert all(len(r.token_ids) == 4 for r in out[0])
+    assert stats == {"rows": 2, "decode_steps": 4, "live_sequences": 2 * 4, "peak_live_sequences": 2,
+                     "kv_positions_read": 4 * 2 * 7, "kv_positions_live": 2 * (3 + 4 + 5 + 6), "generated_tokens": 8}
