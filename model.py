@@ -14,7 +14,10 @@ Two forwards, one module:
 - training: `model(input_ids)` on a right-padded batch [B, T] -> logits [B, T, V]. Causal attention
   alone is enough for right padding: real tokens never see the pads that follow them, and whatever
   the model computes at pad positions is masked out of the loss by the caller.
-- decoding: `model(input_ids, cache=KVCache(...), start=...)`; see `KVCache` for the contract.
+- decoding: `model(input_ids, cache=KVCache(...), start=...)`; see `KVCache` for the contract. Or
+  over a `PagedKVCache`, a pool of fixed-size blocks that many sequences share, addressed through a
+  block table (decode attention: kernels.paged_decode_attention). The sampler uses KVCache today;
+  the paged pool is for the engine of issue 14.
 `return_hidden=True` returns the final-norm hidden states instead of logits, so that the fused
 log-prob kernel (kernels/) or the sampler can apply the lm_head to just the rows they need.
 
@@ -171,6 +174,35 @@ class KVCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
+class PagedKVCache:
+    """Keys and values of many sequences in one pool of fixed-size blocks (the paged sampler's pool).
+
+    Layout: `k`, `v` are [layers, blocks, kv_heads, block_size, head_dim]. Which blocks hold which
+    sequence is the caller's bookkeeping, passed to each forward as a block table:
+
+        model(input_ids [B, T], cache=pool, start=start [B], block_table=[B, max_blocks], kv_len=int)
+
+    writes the keys/values of input_ids[b, t] at position p = start[b] + t of sequence b, that is in
+    block block_table[b, p // block_size] at offset p % block_size (every such block must be in the
+    table). Then:
+    - T > 1 (prefill): start must be 0 and the rows unpadded (the same T); attention is dense and
+      causal over the T tokens (SDPA), nothing is read from the pool;
+    - T = 1 (decode): the token attends to its sequence's start[b] + 1 live positions, wherever their
+      blocks lie (kernels.paged_decode_attention); `kv_len` bounds start + 1 from above (a host-side
+      number, so that the kernel needs no device sync to size its work).
+    Sequences may share blocks (a prompt's full blocks, written once, in every sample's table).
+    """
+
+    def __init__(self, config: Qwen3Config, blocks: int, block_size: int = 16, dtype=torch.float32, device=None):
+        shape = (config.num_hidden_layers, blocks, config.num_key_value_heads, block_size, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+
 class Attention(nn.Module):
     def __init__(self, c: Qwen3Config, layer_idx: int, dtype=None, device=None):
         super().__init__()
@@ -191,6 +223,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(cache, PagedKVCache):
+            blocks, offsets, table, lengths, kv_len = slots  # [B, T], [B, T], [B, nb], [B], int
+            cache.k[self.layer_idx][blocks, :, offsets] = k.transpose(1, 2)  # target [B, T, Hkv, D]
+            cache.v[self.layer_idx][blocks, :, offsets] = v.transpose(1, 2)
+            if T > 1:  # prefill from position 0: the row's own keys are all there is to attend to
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                import kernels
+
+                out = kernels.paged_decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                                     table, lengths, kv_len)[:, :, None]  # [B, H, 1, D]
         else:
             rows, positions, kv_len, gather = slots  # [B], [B, T], int, bool
             k_layer, v_layer = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [batch, Hkv, S, D]
@@ -279,13 +322,14 @@ class Qwen3(nn.Module):
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None, start=None, rows=None,
-                kv_len: int | None = None, return_hidden: bool = False, targets: torch.Tensor | None = None,
-                temperature: float = 1.0):
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | PagedKVCache | None = None, start=None,
+                rows=None, block_table: torch.Tensor | None = None, kv_len: int | None = None,
+                return_hidden: bool = False, targets: torch.Tensor | None = None, temperature: float = 1.0):
         """input_ids [B, T] -> logits [B, T, V] (or final hidden states [B, T, H]).
 
         Without `cache`: causal attention over the T tokens at positions 0..T-1 (training forward).
-        With `cache`: see `KVCache` for `start`, `rows` and `kv_len`.
+        With `cache`: see `KVCache` for `start`, `rows` and `kv_len`, or `PagedKVCache` for `start`,
+        `block_table` and `kv_len`.
         With `targets` [B, T] (the token that follows each position): returns (log p(target), entropy),
         each [B, T] float32 under softmax(logits / temperature), through kernels.linear_token_logprobs,
         so full logits never exist. Computing them inside forward also lets FSDP keep the lm_head
@@ -297,6 +341,13 @@ class Qwen3(nn.Module):
         slots = mask = None
         if cache is None:
             positions = torch.arange(T, device=device)[None]  # [1, T], broadcast over rows
+        elif isinstance(cache, PagedKVCache):
+            if start is None or block_table is None or kv_len is None:
+                raise ValueError("a paged forward needs `start`, `block_table` and `kv_len` (see PagedKVCache)")
+            start = torch.as_tensor(start, device=device).reshape(-1).expand(B)
+            positions = start[:, None] + torch.arange(T, device=device)  # [B, T]
+            blocks = block_table.gather(1, (positions // cache.block_size).long()).long()  # [B, T]
+            slots = (blocks, positions % cache.block_size, block_table, (start + 1).int(), kv_len)
         else:
             if start is None:
                 raise ValueError("a cached forward needs `start`: the current length of each row")

@@ -391,3 +391,67 @@ def test_targets_give_the_log_softmax_of_the_logits(hf_checkpoint):
         logp = torch.log_softmax(model(ids) / 0.8, -1)
     assert torch.allclose(logprobs, logp.gather(-1, targets[..., None])[..., 0], atol=1e-5)
     assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paged KV cache
+
+
+def paged_rollouts(model, prompts, steps, seed=0):
+    """Prefill each prompt into its own shuffled blocks of a PagedKVCache, let a second sample of the
+    first prompt share that prompt's full blocks (its partial last block copied), then decode `steps`
+    teacher-forced random tokens for every sequence at once. Returns the per-step logits [B, V] and
+    each sequence's tokens."""
+    from model import PagedKVCache
+
+    g = torch.Generator().manual_seed(seed)
+    BS = 16
+    seqs = [list(p) for p in prompts] + [list(prompts[0])]  # the last one shares prompt 0's blocks
+    need = [-(-(len(s) + steps) // BS) for s in seqs]
+    pool = PagedKVCache(model.config, blocks=sum(need) + 2, block_size=BS)
+    order = torch.randperm(sum(need) + 2, generator=g).tolist()
+    table = torch.zeros(len(seqs), max(need), dtype=torch.int32)
+    for b in range(len(seqs)):
+        table[b, :need[b]] = torch.tensor([order.pop() for _ in range(need[b])], dtype=torch.int32)
+    full = len(prompts[0]) // BS  # prompt 0's full blocks: shared, never copied
+    table[-1, :full] = table[0, :full]
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            model(torch.tensor([prompt]), cache=pool, start=0, block_table=table[b:b + 1], kv_len=len(prompt))
+        partial = int(table[0, full]), int(table[-1, full])  # copy on write of the partly filled block
+        pool.k[:, partial[1]], pool.v[:, partial[1]] = pool.k[:, partial[0]], pool.v[:, partial[0]]
+        logits = []
+        for _ in range(steps):
+            token = torch.randint(0, model.config.vocab_size, (len(seqs),), generator=g)
+            start = torch.tensor([len(s) for s in seqs])
+            logits.append(model(token[:, None], cache=pool, start=start, block_table=table,
+                                kv_len=int(start.max()) + 1)[:, 0])
+            for s, t in zip(seqs, token.tolist()):
+                s.append(t)
+    return logits, seqs
+
+
+@pytest.mark.parametrize("name", list(TINY_HF_CONFIGS))
+def test_paged_decode_agrees_with_the_full_forward(hf_checkpoint, name):
+    _, path = hf_checkpoint(name)
+    model = Qwen3.from_pretrained(path).eval()
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4], [2, 7, 1, 8, 2], list(range(16)),
+               list(range(40, 73))]  # 20 (one full block, then 4), 5, exactly 16, and 33 tokens
+    logits, seqs = paged_rollouts(model, prompts, steps=6)
+    with torch.no_grad():
+        for b, seq in enumerate(seqs):
+            full = model(torch.tensor([seq]))[0]  # [len, V]
+            prompt_len = len(seq) - 6
+            for t, step in enumerate(logits):
+                assert (step[b] - full[prompt_len + t]).abs().max() <= 1e-4, (b, t)  # its input: token prompt_len + t
+    assert not torch.equal(logits[-1][0], logits[-1][-1])  # the two samples of prompt 0 did diverge
+
+
+def test_paged_decode_through_the_triton_kernel(hf_checkpoint, monkeypatch):
+    monkeypatch.setenv("MASA_KERNELS", "triton")  # the interpreter, in float32
+    _, path = hf_checkpoint("untied-gqa2-wide-heads")
+    model = Qwen3.from_pretrained(path).eval()
+    logits, seqs = paged_rollouts(model, [[5, 6, 7, 8, 9] * 4, [1, 2, 3]], steps=3, seed=1)
+    with torch.no_grad():
+        full = model(torch.tensor([seqs[0]]))[0]
+    assert (logits[-1][0] - full[-1]).abs().max() <= 1e-4
