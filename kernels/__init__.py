@@ -4,6 +4,7 @@
     linear_token_logprobs(hidden, weight, targets, temperature=1.0) -> (logprobs, entropy)
     group_advantages(rewards, group_size, eps=1e-6) -> advantages
     paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len) -> out
+    sample_tokens(logits, temperature, seed, streams, samples, positions, top_k=-1, top_p=1.0) -> (tokens, logprobs)
 
 `MASA_KERNELS` picks the implementation, read at every call: `triton`, `torch`, or `auto` (the
 default: Triton for CUDA tensors, PyTorch otherwise). With TRITON_INTERPRET=1 set before the first
@@ -67,3 +68,13 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     (kernels/paged_attention.py): q [B, H, D], pools [blocks, Hkv, BS, D] -> [B, H, D]."""
     impl = _triton("paged_attention") if backend(q.device) == "triton" else reference
     return impl.paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, seed: int, streams: torch.Tensor, samples: torch.Tensor,
+                  positions: torch.Tensor, top_k: int = -1, top_p: float = 1.0):
+    """One token per row of logits [B, V] from per-sequence counter-based noise (kernels/sampling.py):
+    the draw depends only on (seed, stream, sample, position), never on the batch. The Triton kernel
+    has no top-k / top-p; with either, the PyTorch twin samples from the same uniforms."""
+    triton_ok = backend(logits.device) == "triton" and top_k == -1 and top_p >= 1
+    impl = _triton("sampling") if triton_ok else reference
+    return impl.sample_tokens(logits, temperature, seed, streams, samples, positions, top_k, top_p)

@@ -28,7 +28,7 @@ TARGETS = {"sm_90a": 90, "sm_80": 80}
 
 def variants() -> list[tuple[str, object, dict, dict, int]]:
     """(name, jit function, signature, constants, num_warps) for every launch configuration."""
-    from kernels import advantage, logprobs, paged_attention
+    from kernels import advantage, logprobs, paged_attention, sampling
 
     out = []
     for dtype in ("fp32", "bf16"):
@@ -60,6 +60,11 @@ def variants() -> list[tuple[str, object, dict, dict, int]]:
                     {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": f"*{dtype}", "stride_ob": "i32",
                      "stride_oh": "i32", "H": "i32", "splits": "i32", "D": "constexpr", "D_PAD": "constexpr",
                      "SPLITS_PAD": "constexpr"}, {"D": 128, "D_PAD": 128, "SPLITS_PAD": 16}, 4))
+    for dtype in ("bf16", "fp32"):
+        out.append((f"sampling, {dtype} logits", sampling._sample_kernel,
+                    {"logits_ptr": f"*{dtype}", "streams_ptr": "*i64", "samples_ptr": "*i64", "positions_ptr": "*i64",
+                     "token_ptr": "*i64", "logprob_ptr": "*fp32", "stride": "i32", "V": "i32",
+                     "inv_temperature": "fp32", "seed": "i64", "BLOCK": "constexpr"}, {"BLOCK": sampling.BLOCK_V}, 8))
     return out
 
 

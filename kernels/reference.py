@@ -11,6 +11,10 @@ the implementation used wherever Triton is not (CPUs, by default).
 - `paged_decode_attention(q [B, H, D], k_pool [blocks, Hkv, BS, D], v_pool, block_table [B, max_blocks],
   seq_lens [B], max_len)`: one query token per sequence attending to its first seq_lens[b] positions,
   stored block by block where block_table says (see paged_attention.py); gathers the blocks.
+- `philox(seed, c0, c1, c2, c3)`: Philox4x32-10 on uint32 counters held in int64 tensors, the
+  generator Triton's tl.philox implements (checked against Random123's known answers).
+- `sample_tokens(logits [B, V], temperature, seed, streams [B], samples [B], positions [B], top_k,
+  top_p)`: one token per row from per-sequence counter-based noise (see sampling.py).
 """
 
 import torch
@@ -53,3 +57,55 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     scores = scores.masked_fill(~live[:, None, None], -torch.inf)
     out = torch.softmax(scores, dim=-1) @ v.to(dtype)  # [B, Hkv, rep, D]
     return out.reshape(B, H, D).to(q.dtype)
+
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for a 32-bit constant and uint32 values in int64, computed in
+    16-bit halves so that no intermediate leaves int64 (signed overflow is not wraparound in C++)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    middle = a_hi * b_lo + a_lo * b_hi  # < 2^33
+    low = a_lo * b_lo + ((middle & 0xFFFF) << 16)  # < 2^34
+    return (a_hi * b_hi + (middle >> 16) + (low >> 32)) & _M32, low & _M32
+
+
+def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, rounds: int = 10):
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _M32, (k1 + _PHILOX_KEY[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def sampling_uniforms(seed: int, streams: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor,
+                      vocab: int) -> torch.Tensor:
+    """[B, V] float32 in (0, 1): Philox(seed; counter (v, position, sample, stream)), first word's top 24 bits."""
+    device = streams.device
+    v = torch.arange(vocab, dtype=torch.int64, device=device)[None]  # [1, V]
+    expand = lambda t: (t.to(torch.int64) & _M32)[:, None].expand(-1, vocab)  # noqa: E731
+    x, _, _, _ = philox(seed, v.expand(len(streams), -1), expand(positions), expand(samples), expand(streams))
+    return ((x >> 8).to(torch.float32) + 0.5) / 16777216.0
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, seed: int, streams: torch.Tensor, samples: torch.Tensor,
+                  positions: torch.Tensor, top_k: int = -1, top_p: float = 1.0):
+    z = logits.float() / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        z = z.masked_fill(z < kth, -torch.inf)
+    if top_p < 1:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the most likely token always stays
+        z = z.scatter(-1, order, sorted_z.masked_fill(drop, -torch.inf))
+    logp = torch.log_softmax(z, -1)  # [B, V]
+    noise = -torch.log(sampling_uniforms(seed, streams, samples, positions, z.shape[-1]))  # Exp(1)
+    tokens = (z - noise.log()).argmax(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)

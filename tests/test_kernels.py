@@ -331,4 +331,79 @@ def test_every_triton_kernel_compiles_for_sm90a_and_sm80_without_spills():
                          cwd=Path(__file__).resolve().parents[1], timeout=600)
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "sm_" in line]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert len(rows) == 2 * 13 and all(row.rstrip().endswith("| ok |") for row in rows)
+    assert len(rows) == 2 * 15 and all(row.rstrip().endswith("| ok |") for row in rows)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling from per-sequence counter-based streams
+
+sampling = pytest.importorskip("kernels.sampling", reason="triton is not installed")
+
+
+def test_philox_matches_the_known_answers_of_random123():
+    """Philox4x32-10 test vectors from Random123's kat_vectors (counter, key) -> output."""
+    M = 0xFFFFFFFF
+    for counter, key, expected in [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((M, M, M, M), (M, M), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]:
+        words = reference.philox(key[0] | key[1] << 32, *(torch.tensor([c]) for c in counter))
+        assert [int(w) for w in words] == list(expected)
+
+
+def stream_rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 10 ** 6, (n,), generator=g), torch.randint(0, 16, (n,), generator=g),
+            torch.randint(0, 8192, (n,), generator=g))
+
+
+@pytest.mark.parametrize("seed", [0, 2 ** 32 - 5])
+def test_the_sampling_kernel_draws_what_its_twin_draws(seed):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 2500, generator=g) * 3
+    logits[0, 5] = -torch.inf  # a banned token
+    streams, samples, positions = stream_rows(6)
+    ours = sampling.sample_tokens(logits, 0.7, seed, streams, samples, positions)
+    twin = reference.sample_tokens(logits, 0.7, seed, streams, samples, positions)
+    assert torch.equal(ours[0], twin[0])
+    assert torch.allclose(ours[1], twin[1], atol=1e-5)
+    assert torch.allclose(twin[1], torch.log_softmax(logits / 0.7, -1).gather(-1, twin[0][:, None])[:, 0], atol=1e-5)
+
+
+def test_a_rows_draw_does_not_depend_on_the_rest_of_the_batch():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, 300, generator=g)
+    streams, samples, positions = stream_rows(8, seed=3)
+    whole = reference.sample_tokens(logits, 1.0, 9, streams, samples, positions)[0]
+    order = torch.tensor([5, 2, 7])  # a subset, reordered
+    part = reference.sample_tokens(logits[order], 1.0, 9, streams[order], samples[order], positions[order])[0]
+    assert torch.equal(part, whole[order])
+    kernel_part = sampling.sample_tokens(logits[order], 1.0, 9, streams[order], samples[order], positions[order])[0]
+    assert torch.equal(kernel_part, whole[order])
+    other_seed = reference.sample_tokens(logits, 1.0, 10, streams, samples, positions)[0]
+    assert not torch.equal(other_seed, whole)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 1.0), (3, 1.0), (-1, 0.8)])
+def test_sampled_frequencies_match_the_filtered_distribution(top_k, top_p):
+    """4000 draws of one row (positions 0..3999 of one stream) against the probabilities of
+    softmax(z / T) restricted to the top-k / top-p set: a chi-square test at p = 0.001."""
+    z = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+    n = 4000
+    tokens, _ = reference.sample_tokens(z.expand(n, -1), 0.8, 5, torch.zeros(n, dtype=torch.long),
+                                        torch.zeros(n, dtype=torch.long), torch.arange(n), top_k, top_p)
+    p = torch.softmax(z / 0.8, -1)
+    keep = torch.ones(6, dtype=torch.bool)
+    if top_k > 0:
+        keep[top_k:] = False
+    if top_p < 1:
+        keep = (p.cumsum(0) - p) < top_p
+    p = torch.where(keep, p, 0) / p[keep].sum()
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[~keep].sum() == 0
+    expected = n * p[keep].double()
+    chi2 = ((counts[keep] - expected) ** 2 / expected).sum().item()
+    assert chi2 < {6: 20.5, 3: 13.8, 2: 10.8, 1: 0.0}[int(keep.sum())]  # chi-square 0.999 quantiles, df = kept - 1
