@@ -14,7 +14,7 @@ the implementation used wherever Triton is not (CPUs, by default).
 - `philox(seed, c0, c1, c2, c3)`: Philox4x32-10 on uint32 counters held in int64 tensors, the
   generator Triton's tl.philox implements (checked against Random123's known answers).
 - `sample_tokens(logits [B, V], temperature, seed, streams [B], samples [B], positions [B], top_k,
-  top_p)`: one token per row from per-sequence counter-based noise (see sampling.py).
+  top_p)`: one token per row by inverse CDF from one counter-based uniform per row (see sampling.py).
 """
 
 import torch
@@ -84,13 +84,10 @@ def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: 
     return c0, c1, c2, c3
 
 
-def sampling_uniforms(seed: int, streams: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor,
-                      vocab: int) -> torch.Tensor:
-    """[B, V] float32 in (0, 1): Philox(seed; counter (v, position, sample, stream)), first word's top 24 bits."""
-    device = streams.device
-    v = torch.arange(vocab, dtype=torch.int64, device=device)[None]  # [1, V]
-    expand = lambda t: (t.to(torch.int64) & _M32)[:, None].expand(-1, vocab)  # noqa: E731
-    x, _, _, _ = philox(seed, v.expand(len(streams), -1), expand(positions), expand(samples), expand(streams))
+def sampling_uniform(seed: int, streams: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B] float32 in (0, 1): Philox(seed; counter (position, sample, stream, 0)), first word's top 24 bits."""
+    word = lambda t: t.to(torch.int64) & _M32  # noqa: E731
+    x, _, _, _ = philox(seed, word(positions), word(samples), word(streams), torch.zeros_like(word(streams)))
     return ((x >> 8).to(torch.float32) + 0.5) / 16777216.0
 
 
@@ -105,7 +102,11 @@ def sample_tokens(logits: torch.Tensor, temperature: float, seed: int, streams: 
         probs = torch.softmax(sorted_z, -1)
         drop = probs.cumsum(-1) - probs >= top_p  # the most likely token always stays
         z = z.scatter(-1, order, sorted_z.masked_fill(drop, -torch.inf))
-    logp = torch.log_softmax(z, -1)  # [B, V]
-    noise = -torch.log(sampling_uniforms(seed, streams, samples, positions, z.shape[-1]))  # Exp(1)
-    tokens = (z - noise.log()).argmax(-1)
+    # inverse CDF: the first token whose cumulative (unnormalized) mass exceeds u x the total
+    weights = torch.exp(z - z.amax(-1, keepdim=True))  # [B, V], 0 where filtered out
+    cdf = weights.cumsum(-1)
+    target = sampling_uniform(seed, streams, samples, positions)[:, None] * cdf[:, -1:]
+    last = z.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(-1)  # rounding can put target at the total
+    tokens = torch.minimum(torch.searchsorted(cdf, target, right=True)[:, 0], last)
+    logp = torch.log_softmax(z, -1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
