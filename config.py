@@ -63,7 +63,9 @@ class RolloutConfig:
     top_k: int = -1  # -1 disables top-k
     max_prompt_tokens: int = 2048
     max_response_tokens: int = 8192  # also the length range the meta prompt states
-    slots: int = 0  # sequences decoded at once per process; 0 sizes the KV pool from free GPU memory
+    slots: int = 0  # most sequences decoded at once per process (the sampler's lanes); 0: 256
+    kv_tokens: int = 0  # positions the paged KV pool holds per process; 0: 60% of the free GPU memory
+    cuda_graphs: bool = True  # decode through CUDA graphs on CUDA (false: eager); a CPU never uses them
 
 
 @dataclass
@@ -247,7 +249,8 @@ _RULES = [
     ("rollout.top_k", lambda v: v == -1 or v >= 1, "-1 (off) or at least 1"),
     ("rollout.max_prompt_tokens", lambda v: v >= 1, "at least 1"),
     ("rollout.max_response_tokens", lambda v: v >= 1, "at least 1"),
-    ("rollout.slots", lambda v: v >= 0, "at least 0 (0: sized from free memory)"),
+    ("rollout.slots", lambda v: v >= 0, "at least 0 (0: 256)"),
+    ("rollout.kv_tokens", lambda v: v >= 0, "at least 0 (0: sized from free memory)"),
     ("train.batch_size", lambda v: v >= 1, "at least 1"),
     ("warm_start.steps", lambda v: v >= 0, "at least 0"),
     ("warm_start.batch_size", lambda v: v >= 1, "at least 1"),

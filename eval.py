@@ -16,7 +16,8 @@ meta prompt (stating the group size n and the response budget) and reports
 the calibration of the predicted pass rate (mean absolute error and Spearman correlation against
 the empirical one), the fraction of predicted lengths inside [min, max] of the correct responses'
 lengths, the notion score (rewards.meta_reward's notion part), the parse-failure rate, and scatter
-plots (PNG, when matplotlib is installed). Results depend only on --seed and the number of ranks.
+plots (PNG, when matplotlib is installed). Each problem samples its own stream (its index in the
+benchmark), so results depend on --seed, not on the number of ranks.
 
 Prompts use the templates of the run that trained the model: --config, else the config.yaml that
 train.py saves beside every checkpoint's model/ directory, else the paper's (config.py's defaults).
@@ -75,15 +76,19 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def sample_problems(model, tokenizer, problems, args, pool, seed, template: PromptConfig | None = None,
-                    slots: int | None = None) -> list[dict]:
+                    slots: int | None = None, streams: list[int] | None = None,
+                    graphs: bool | None = None) -> list[dict]:
     """Responses (and with --meta, predictions) for `problems`, graded: one record per problem.
     `template`: the prompt templates (config.py's PromptConfig; default: the paper's); `slots`: the
-    sampler's (rollout.generate)."""
+    sampler's lanes; `streams`: each problem's sampling stream (rollout.generate), e.g. its index in
+    the whole benchmark, so that results do not depend on how problems are split across ranks;
+    `graphs`: rollout.generate's (None: CUDA graphs on CUDA)."""
     template = template or PromptConfig()
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
     prompts = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], template.solution)) for p in problems]
-    rollouts = generate(model, prompts, params, seed=seed, slots=slots, progress=args.progress) if prompts else []
+    rollouts = generate(model, prompts, params, seed=seed, streams=streams, slots=slots, graphs=graphs,
+                        progress=args.progress) if prompts else []
     texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in rollouts]
     grades = grade_batch([t for ts in texts for t in ts], [p["answer"] for p in problems for _ in range(args.n)],
                          pool) if prompts else None
@@ -98,7 +103,8 @@ def sample_problems(model, tokenizer, problems, args, pool, seed, template: Prom
                                      max_new_tokens=args.meta_max_new_tokens, stop_token_ids=params.stop_token_ids)
         meta_prompts = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], template.meta, args.n, args.max_new_tokens))
                         for p in problems]
-        meta_rollouts = generate(model, meta_prompts, meta_params, seed=seed + 1, progress=args.progress)
+        meta_rollouts = generate(model, meta_prompts, meta_params, seed=seed + 1, streams=streams, slots=slots,
+                                 graphs=graphs, progress=args.progress)
         for problem, record, rs in zip(problems, records, meta_rollouts):
             outcomes = [Outcome(r["correct"], r["length"], r["text"]) for r in record["responses"]]
             record["meta"] = []
@@ -287,6 +293,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("eval_results"))
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="decode with eager kernels (CUDA graphs are on by default on CUDA)")
     args = parser.parse_args(argv)
     ks = sorted({1, *(int(k) for k in args.k.split(","))})
     for k in ks:
@@ -316,7 +324,9 @@ def main(argv=None):
         for name in args.benchmarks.split(","):
             problems = load_problems(benchmark_file(name, data_dir))
             mine = problems[rank::world]
-            records = sample_problems(model, tokenizer, mine, args, pool, args.seed * 1009 + rank, template)
+            records = sample_problems(model, tokenizer, mine, args, pool, args.seed, template,
+                                      streams=list(range(rank, len(problems), world)),
+                                      graphs=None if args.cuda_graphs else False)
             if distributed:
                 gathered = [None] * world
                 dist.all_gather_object(gathered, records)
@@ -334,6 +344,7 @@ def main(argv=None):
                 plot_calibration(name, records, args.n, args.out)
         print(table)
     if distributed:
+        dist.barrier()  # no rank tears the group down while rank 0 still writes (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

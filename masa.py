@@ -246,10 +246,10 @@ MAX_HINT_NOTIONS, MAX_NOTION_CHARS = 8, 80  # a hint is model-written text put i
 
 
 def steer(prompts: list[Prompt], meta: list[Episode], efficient, group_size: int, max_response_tokens: int,
-          generator: torch.Generator):
+          hint_seeds: list[int]):
     """MASA-efficient, once its meta rollouts have run first: from each prompt's M predictions set
-    `gated` (gate), `budget` (cutoff_budgets) and `hint` (hint_notions, drawn from `generator` once per
-    prompt in order), each as `efficient` (config.EfficientConfig) switches it on."""
+    `gated` (gate), `budget` (cutoff_budgets) and `hint` (hint_notions, drawn with its prompt's seed
+    from `hint_seeds`), each as `efficient` (config.EfficientConfig) switches it on."""
     predictions = [[e.prediction for e in meta if e.prompt_index == p.index] for p in prompts]
     if efficient.gating:
         rates = [predicted_pass_rates(ps, group_size) for ps in predictions]
@@ -260,8 +260,9 @@ def steer(prompts: list[Prompt], meta: list[Episode], efficient, group_size: int
         for prompt, budget in zip(prompts, cutoff_budgets(lengths, efficient.cutoff_factor, max_response_tokens)):
             prompt.budget = budget
     if efficient.hints:
-        for prompt, ps in zip(prompts, predictions):
-            prompt.hint = [n[:MAX_NOTION_CHARS] for n in hint_notions(ps, generator)[:MAX_HINT_NOTIONS]]
+        for prompt, ps, hint_seed in zip(prompts, predictions, hint_seeds):
+            drawn = hint_notions(ps, torch.Generator().manual_seed(hint_seed))
+            prompt.hint = [n[:MAX_NOTION_CHARS] for n in drawn[:MAX_HINT_NOTIONS]]
 
 
 def score_solutions(solutions: list[Episode]):

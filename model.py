@@ -14,10 +14,9 @@ Two forwards, one module:
 - training: `model(input_ids)` on a right-padded batch [B, T] -> logits [B, T, V]. Causal attention
   alone is enough for right padding: real tokens never see the pads that follow them, and whatever
   the model computes at pad positions is masked out of the loss by the caller.
-- decoding: `model(input_ids, cache=KVCache(...), start=...)`; see `KVCache` for the contract. Or
-  over a `PagedKVCache`, a pool of fixed-size blocks that many sequences share, addressed through a
-  block table (decode attention: kernels.paged_decode_attention). The sampler uses KVCache today;
-  the paged pool is for the engine of issue 14.
+- decoding: `model(input_ids, cache=PagedKVCache(...), start=..., block_table=..., kv_len=...)`: keys
+  and values in a pool of fixed-size blocks that many sequences share, addressed through a block
+  table (decode attention: kernels.paged_decode_attention); see `PagedKVCache` for the contract.
 `return_hidden=True` returns the final-norm hidden states instead of logits, so that the fused
 log-prob kernel (kernels/) or the sampler can apply the lm_head to just the rows they need.
 
@@ -31,7 +30,6 @@ greedily with the KV cache against a full-forward recomputation.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -140,44 +138,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class KVCache:
-    """Preallocated keys and values for a pool of `batch` independent rows of up to `max_len` tokens.
-
-    Layout: `k`, `v` are [layers, batch, kv_heads, max_len, head_dim]. The cache does not know how
-    long each row is; the caller does, and tells the forward through `start`:
-
-        model(input_ids [B, T], cache=cache, start=start [B], rows=None | [B], kv_len=None | int)
-
-    writes the keys/values of input_ids[b, t] at position start[b] + t of cache row rows[b] (rows
-    defaults to 0..B-1) and lets each token attend to positions <= its own in that row. So:
-    - prefill: pass the prompt(s) with start = 0. Prompts of different lengths may share a call,
-      right-padded; pad keys land beyond each row's real length and are overwritten by the next
-      decode step of that row, which must use start = the row's real length;
-    - decode: pass one token per row, start = current length of each row;
-    - sharing a prompt among samples: prefill one row, then `cache.copy_prefix(src, dst, length)`;
-    - `kv_len` (optional) bounds attention to the first kv_len positions of every row, so a decode
-      step does not read the unused tail of the pool; it must exceed max(start) + T - 1.
-    """
-
-    def __init__(self, config: Qwen3Config, batch: int, max_len: int, dtype=torch.float32, device=None):
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def copy_prefix(self, src: int, dst: int, length: int):
-        """Copy the first `length` positions of row src into row dst, in every layer."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-
 class PagedKVCache:
     """Keys and values of many sequences in one pool of fixed-size blocks (the paged sampler's pool).
 
-    Layout: `k`, `v` are [layers, blocks, kv_heads, block_size, head_dim]. Which blocks hold which
+    Layout: `k`, `v` are [layers, blocks, block_size, kv_heads, head_dim] (position-major: a block's
+    positions are contiguous rows of all heads, so a token's keys are written as one row, and gathering
+    a sequence's blocks gives its positions in order without a transpose). Which blocks hold which
     sequence is the caller's bookkeeping, passed to each forward as a block table:
 
         model(input_ids [B, T], cache=pool, start=start [B], block_table=[B, max_blocks], kv_len=int)
@@ -194,13 +160,13 @@ class PagedKVCache:
     """
 
     def __init__(self, config: Qwen3Config, blocks: int, block_size: int = 16, dtype=torch.float32, device=None):
-        shape = (config.num_hidden_layers, blocks, config.num_key_value_heads, block_size, config.head_dim)
+        shape = (config.num_hidden_layers, blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def block_size(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[2]
 
 
 class Attention(nn.Module):
@@ -215,7 +181,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, slots=None, mask=None):
+    def forward(self, x, cos, sin, cache: PagedKVCache | None = None, slots=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, Hkv, T, D]
@@ -223,10 +189,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif isinstance(cache, PagedKVCache):
+        else:
             blocks, offsets, table, lengths, kv_len = slots  # [B, T], [B, T], [B, nb], [B], int
-            cache.k[self.layer_idx][blocks, :, offsets] = k.transpose(1, 2)  # target [B, T, Hkv, D]
-            cache.v[self.layer_idx][blocks, :, offsets] = v.transpose(1, 2)
+            cache.k[self.layer_idx][blocks, offsets] = k.transpose(1, 2)  # [B, T, Hkv, D] rows
+            cache.v[self.layer_idx][blocks, offsets] = v.transpose(1, 2)
             if T > 1:  # prefill from position 0: the row's own keys are all there is to attend to
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
@@ -234,33 +200,7 @@ class Attention(nn.Module):
 
                 out = kernels.paged_decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx],
                                                      table, lengths, kv_len)[:, :, None]  # [B, H, 1, D]
-        else:
-            rows, positions, kv_len, gather = slots  # [B], [B, T], int, bool
-            k_layer, v_layer = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [batch, Hkv, S, D]
-            # Advanced indices around a slice put the indexed dims first: the target is [B, T, Hkv, D].
-            k_layer[rows[:, None], :, positions] = k.transpose(1, 2)
-            v_layer[rows[:, None], :, positions] = v.transpose(1, 2)
-            if gather:  # rows picked by the caller: copy them out
-                k, v = k_layer[rows, :, :kv_len], v_layer[rows, :, :kv_len]
-            else:  # rows 0..B-1: views, no copy
-                k, v = k_layer[:B, :, :kv_len], v_layer[:B, :, :kv_len]
-            # Grouped-query attention with a mask: fold each key/value head's query heads into the query
-            # length, [B, H, T, D] -> [B, Hkv, rep * T, D], so the K/V pool is read once per kv head and
-            # never expanded. (enable_gqa together with a mask falls back to the math kernel on CUDA.)
-            Hkv = k.shape[1]
-            folded = q.reshape(B, Hkv, -1, self.head_dim)  # head h = kv * rep + r, as in repeat_kv
-            out = _masked_attention(folded, k, v, mask).view(B, -1, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def _masked_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(D) + mask) v. SDPA where it has a fused kernel; on a CPU, for the small
-    query counts of decoding, two batched matmuls are 2-3x faster than SDPA's CPU kernel."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Hkv, rep * T, kv_len]
-    scores = scores.masked_fill(~mask, -math.inf)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -283,8 +223,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
         self.mlp = MLP(c, dtype, device)
 
-    def forward(self, x, cos, sin, cache=None, slots=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, mask)
+    def forward(self, x, cos, sin, cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -322,14 +262,13 @@ class Qwen3(nn.Module):
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | PagedKVCache | None = None, start=None,
-                rows=None, block_table: torch.Tensor | None = None, kv_len: int | None = None,
-                return_hidden: bool = False, targets: torch.Tensor | None = None, temperature: float = 1.0):
+    def forward(self, input_ids: torch.Tensor, *, cache: PagedKVCache | None = None, start=None,
+                block_table: torch.Tensor | None = None, kv_len: int | None = None, return_hidden: bool = False,
+                targets: torch.Tensor | None = None, temperature: float = 1.0):
         """input_ids [B, T] -> logits [B, T, V] (or final hidden states [B, T, H]).
 
         Without `cache`: causal attention over the T tokens at positions 0..T-1 (training forward).
-        With `cache`: see `KVCache` for `start`, `rows` and `kv_len`, or `PagedKVCache` for `start`,
-        `block_table` and `kv_len`.
+        With `cache`: see `PagedKVCache` for `start`, `block_table` and `kv_len`.
         With `targets` [B, T] (the token that follows each position): returns (log p(target), entropy),
         each [B, T] float32 under softmax(logits / temperature), through kernels.linear_token_logprobs,
         so full logits never exist. Computing them inside forward also lets FSDP keep the lm_head
@@ -338,36 +277,22 @@ class Qwen3(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         x = self.embed_tokens(input_ids)  # [B, T, H]
-        slots = mask = None
+        slots = None
         if cache is None:
             positions = torch.arange(T, device=device)[None]  # [1, T], broadcast over rows
-        elif isinstance(cache, PagedKVCache):
+        else:
             if start is None or block_table is None or kv_len is None:
-                raise ValueError("a paged forward needs `start`, `block_table` and `kv_len` (see PagedKVCache)")
+                raise ValueError("a cached forward needs `start`, `block_table` and `kv_len` (see PagedKVCache)")
             start = torch.as_tensor(start, device=device).reshape(-1).expand(B)
             positions = start[:, None] + torch.arange(T, device=device)  # [B, T]
             blocks = block_table.gather(1, (positions // cache.block_size).long()).long()  # [B, T]
             slots = (blocks, positions % cache.block_size, block_table, (start + 1).int(), kv_len)
-        else:
-            if start is None:
-                raise ValueError("a cached forward needs `start`: the current length of each row")
-            start = torch.as_tensor(start, device=device).reshape(-1).expand(B)
-            gather = rows is not None
-            rows = torch.as_tensor(rows, device=device) if gather else torch.arange(B, device=device)
-            kv_len = cache.max_len if kv_len is None else kv_len
-            positions = start[:, None] + torch.arange(T, device=device)  # [B, T]
-            slots = (rows, positions, kv_len, gather)
-            # Key j is visible to the query at position p iff j <= p: [B, T, kv_len], then repeated for
-            # the query heads that share a key/value head (see Attention): [B, 1, rep * T, kv_len].
-            visible = torch.arange(kv_len, device=device) <= positions[..., None]
-            rep = self.config.num_attention_heads // self.config.num_key_value_heads
-            mask = visible[:, None].expand(B, rep, T, kv_len).reshape(B, 1, rep * T, kv_len)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, slots, mask)
+                x = layer(x, cos, sin, cache, slots)
         x = self.norm(x)
         if targets is not None:
             import kernels
@@ -616,18 +541,24 @@ def _replace_dir(tmp: Path, path: Path):
 
 @torch.no_grad()
 def greedy_decode(model: Qwen3, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuation of each prompt with the KV cache: one batched prefill, then one token per
-    row per step. A plain reference for rollout.py's sampler, which adds everything else."""
-    B, lengths = len(prompts), [len(p) for p in prompts]
-    device = model.embed_tokens.weight.device
-    cache = KVCache(model.config, B, max(lengths) + max_new_tokens, model.embed_tokens.weight.dtype, device)
-    padded = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts], device=device)
-    hidden = model(padded, cache=cache, start=0, return_hidden=True)  # [B, T, H]
-    length = torch.tensor(lengths, device=device)
-    token = model.logits(hidden[torch.arange(B), length - 1]).argmax(-1)  # [B]
+    """Greedy continuation of each prompt through the paged cache: each prompt prefilled into blocks of
+    its own, then one token per row per step. A plain reference for rollout.py's sampler, which adds
+    sharing, scheduling and sampling."""
+    device, BS = model.embed_tokens.weight.device, 16
+    need = [-(-(len(p) + max_new_tokens) // BS) for p in prompts]
+    cache = PagedKVCache(model.config, sum(need), BS, model.embed_tokens.weight.dtype, device)
+    table = torch.zeros(len(prompts), max(need), dtype=torch.int32, device=device)
+    first = []
+    for b, prompt in enumerate(prompts):
+        table[b, :need[b]] = torch.arange(sum(need[:b]), sum(need[:b + 1]))
+        hidden = model(torch.tensor([prompt], device=device), cache=cache, start=0, block_table=table[b:b + 1],
+                       kv_len=len(prompt), return_hidden=True)  # [1, T, H]
+        first.append(model.logits(hidden[0, -1]).argmax())
+    token, length = torch.stack(first), torch.tensor([len(p) for p in prompts], device=device)
     out = [token]
     for _ in range(max_new_tokens - 1):
-        token = model(token[:, None], cache=cache, start=length)[:, -1].argmax(-1)
+        token = model(token[:, None], cache=cache, start=length, block_table=table,
+                      kv_len=int(length.max()) + 1)[:, -1].argmax(-1)
         length = length + 1
         out.append(token)
     return torch.stack(out, 1).tolist()

@@ -6,7 +6,9 @@ A module of its own because it is arithmetic about a run, not part of one: train
 bench/gpu_check.py compares it with a measured peak, and neither needs the other's machinery.
 
 Exact: the FSDP shards, the rollout copy and the KV pool (the sampler's own sizing rule,
-rollout.slots_that_fit). Estimated: activations (bytes autograd saves per token, read off model.py
+rollout.kv_tokens_that_fit). Stated assumption: the sequences decoded together, which depend on the
+lengths the policy writes (MEAN_PROMPT, and a mean response of RESPONSE_SHARE of the budget unless
+given). Estimated: activations (bytes autograd saves per token, read off model.py
 and checked against autograd in tests/test_plan.py) and FSDP2's gathered parameters in flight.
 """
 
@@ -19,7 +21,7 @@ import torch
 
 from config import Config
 from model import PRESETS, Qwen3Config, read_config
-from rollout import kv_bytes_per_slot, slots_that_fit
+from rollout import BLOCK_SIZE, kv_bytes_per_position, kv_tokens_that_fit
 
 GIB = 1024 ** 3
 
@@ -59,7 +61,11 @@ def activation_bytes_per_token(c: Qwen3Config, dtype_bytes: int) -> tuple[int, i
     return block, head
 
 
-def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float) -> dict:
+MEAN_PROMPT = 256  # tokens of a math problem in the chat template (MATH, DeepScaleR: mostly 100-400)
+RESPONSE_SHARE = 0.375  # mean response / budget: about 3k of 8k tokens for a reasoning model
+
+
+def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float, mean_response: float | None = None) -> dict:
     """Per-GPU bytes of each thing a run of `cfg` on `gpus` GPUs holds, and the two peaks:
     rollouts (master weights, Adam state, the bf16 rollout copy(ies), the KV pool) and the update
     (the same minus the KV pool, plus gradients, gathered parameters in flight and activations).
@@ -82,13 +88,20 @@ def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float) -> dict:
     resident = out["master_weights"] + out["adam_state"] + out["rollout_copies"]
     max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     dtype = getattr(torch, cfg.model.dtype)
-    per_slot = kv_bytes_per_slot(c, max_len, dtype)
+    out["kv_bytes_per_position"] = kv_bytes_per_position(c, dtype)
     free = out["gpu_memory"] - resident
     out["sequences_per_gpu"] = cfg.train.batch_size * (
         cfg.rollout.group_size + (cfg.rollout.meta_group_size if cfg.algorithm != "grpo" else 0)) // gpus
-    slots = cfg.rollout.slots or slots_that_fit(c, max_len, dtype, free)  # what rollout.generate takes
-    slots = min(slots, out["sequences_per_gpu"])  # as rollout.generate: never more slots than sequences
-    out.update(kv_per_slot=per_slot, slots=slots, kv_pool=slots * per_slot)
+    out["kv_tokens"] = cfg.rollout.kv_tokens or kv_tokens_that_fit(c, dtype, free)  # what rollout.generate takes
+    out["kv_pool"] = out["kv_tokens"] * out["kv_bytes_per_position"]
+    # A sequence holds its prompt and the response so far, so on average over its life about half its
+    # final response: that is what the pool divides into.
+    response = mean_response or RESPONSE_SHARE * cfg.rollout.max_response_tokens
+    out["mean_response"] = response
+    out["mean_held"] = MEAN_PROMPT + response / 2
+    lanes = cfg.rollout.slots or 256
+    out["expected_concurrency"] = min(out["kv_tokens"] / out["mean_held"], lanes, out["sequences_per_gpu"])
+    out["one_sequence_fits"] = out["kv_tokens"] >= max_len + 2 * BLOCK_SIZE  # rollout.generate refuses less
     tokens = max(cfg.train.micro_batch_tokens, max_len)  # a longer sequence gets a micro-batch of its own
     per_block, head = activation_bytes_per_token(c, s)
     out["micro_batch_tokens"] = tokens
@@ -97,7 +110,7 @@ def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float) -> dict:
     out["activations"] = out["activations_checkpointed" if cfg.model.activation_checkpointing else "activations_full"]
     out["peak_rollout"] = resident + out["kv_pool"]
     out["peak_update"] = resident + out["gradients"] + out["gathered"] + out["activations"]
-    out["fits"] = max(out["peak_rollout"], out["peak_update"]) <= 0.9 * out["gpu_memory"] - GIB and slots >= 1
+    out["fits"] = max(out["peak_rollout"], out["peak_update"]) <= 0.9 * out["gpu_memory"] - GIB and out["one_sequence_fits"]
     return out
 
 
@@ -110,8 +123,8 @@ def print_plan(cfg: Config, plan: dict):
         ("FSDP shards: fp32 gradients (4 B/param / GPUs; update only)", plan["gradients"]),
         (f"full {cfg.model.dtype} rollout copy" + (" + KL reference" if cfg.loss.kl_coef else ""), plan["rollout_copies"]),
         ("gathered params + unsharded grads in flight (root + 2 blocks)", plan["gathered"]),
-        (f"KV pool: {plan['slots']} slots x {cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens} tokens "
-         f"({plan['kv_per_slot'] / GIB:.2f} GiB each)", plan["kv_pool"]),
+        (f"paged KV pool: {plan['kv_tokens']:,} positions of {plan['kv_bytes_per_position'] // 1024} KiB",
+         plan["kv_pool"]),
         (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing on", plan["activations_checkpointed"]),
         (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing off", plan["activations_full"]),
     ]
@@ -121,9 +134,9 @@ def print_plan(cfg: Config, plan: dict):
         print(f"  {name:<78} {g(value)}")
     print(f"  {'peak while sampling (shards + rollout copy + KV pool)':<78} {g(plan['peak_rollout'])}")
     print(f"  {f'peak while updating (activation checkpointing {ckpt})':<78} {g(plan['peak_update'])}")
-    rounds = -(-plan["sequences_per_gpu"] // max(plan["slots"], 1))
-    print(f"  {plan['sequences_per_gpu']} sequences per GPU per step through {plan['slots']} KV slots (refilled as "
-          f"sequences finish; {rounds} rounds if every one ran to the full budget)")
+    print(f"  {plan['sequences_per_gpu']} sequences per GPU per step; about {plan['expected_concurrency']:.0f} decoded "
+          f"together if prompts average {MEAN_PROMPT} tokens and responses {plan['mean_response']:,.0f} (each holds "
+          f"its prompt and, on average, half its response)")
     budget = 0.9 * plan["gpu_memory"] / GIB - 1
     verdict = "yes" if plan["fits"] else "NO: lower the peak that exceeds the budget (see the rows above)"
     print(f"fits: {verdict} (budget {budget:.1f} GiB: 90% of the GPU less 1 GiB for the CUDA context and "

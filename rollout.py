@@ -3,42 +3,56 @@
     rollouts = generate(model, prompts, SamplingParams(n=16, max_new_tokens=8192), budgets=..., seed=0)
     rollouts[i][j].token_ids, .logprobs, .finish_reason   # sample j of prompt i
 
-How it works, in the order a sequence lives through it:
-- A fixed pool of `slots` KV-cache rows (model.KVCache) holds the sequences being decoded. Work is
-  the list of (prompt, sample) pairs; whenever slots are free, the next pairs take them.
-- A prompt is prefilled once: its tokens except the last go through the model into one slot, and
-  every other slot that takes a sample of the same prompt copies that prefix (from any slot still
-  holding it) instead of recomputing it. The prompt's last token is fed by the first decode step,
-  so admission needs no logits and every slot goes through the same code.
-- Each decode step runs all slots at once, [slots, 1] tokens, attending only to the first `kv_len`
-  cache positions (rounded up to a multiple of 256 on a GPU, so a compiled step sees few shapes). Sampling
-  (temperature, top-k, top-p in float32; Gumbel-max via exponential noise, no host sync), the stop
-  check, the per-sequence budget and the recording of tokens and log-probs all stay on the device.
-- Every `sync_every` steps the host reads which slots finished, collects their rollouts and refills
-  the slots. A finished slot idles until then; a long rollout never holds the others back.
+A paged engine (the shape of vLLM's and nano-vllm's, in one file): the pieces, in the order a
+sequence meets them.
+- The KV pool (model.PagedKVCache): keys and values in blocks of BLOCK_SIZE = 16 positions, shared
+  by all sequences; each sequence has a block table. BlockPool keeps the free list and reference
+  counts. Block 0 is never handed out: free lanes write their keys there. On CUDA the pool takes
+  KV_MEMORY_FRACTION of the free memory (or `kv_tokens` positions); plan.py sizes it the same way.
+- Admission (`_Engine.schedule`): the work is the list of (prompt, sample) pairs. A prompt's tokens
+  but the last are prefilled once (dense SDPA writing blocks); its full blocks enter every sample's
+  table (reference counts), its partly filled last block is copied per sample (copy on write).
+  Samples are admitted while free blocks allow, keeping headroom for running sequences to grow.
+- Growth and preemption: before each sync every running sequence gets blocks for the positions it
+  will write until the next one; if the pool runs out, the newest sequence is preempted (blocks
+  freed, re-queued first with what it generated) and later recomputed from prompt + tokens. A pool
+  too small for one sequence at its full budget is refused with the memory it needs.
+- The decode step (`_Engine.step`): one token for every lane up to the last occupied one, [rows, 1]
+  through the paged forward; attention reads each sequence's own live positions
+  (kernels.paged_decode_attention). Sampling, the stop check, the per-sequence budget and the
+  recording of tokens and log-probs stay on the device. On CUDA the step runs as CUDA graphs, one per
+  batch-size bucket (_DecodeGraphs; graphs=False turns them off).
+- The host sync (every `sync_every` steps: 1 on a CPU, 16 on a GPU): harvest finished sequences,
+  schedule, and compact the lanes (move sequences down into freed lanes, so no step computes a hole).
+EngineStats counts what the engine did in hardware-independent units (bench/sampler.py).
+
+Sampling noise is per sequence: the token at position t of sample j of a prompt with stream s is
+drawn by inverse CDF from one uniform that is a pure function of (seed, s, j, t) (Philox;
+kernels.sample_tokens). So tokens do not depend on the lanes, the pool size, preemption, batch
+composition or, in train.py (streams = global prompt indices), the number of ranks. Greedy output
+(temperature 0) depends on nothing but the model.
 
 Log-probs are those of the distribution each token was drawn from: log softmax(logits / T) with
 top-k / top-p applied and renormalized (with the defaults, top_k=-1 and top_p=1, simply
-log softmax(logits / T)). Greedy decoding (temperature 0) reports log softmax(logits) of the chosen
-token. Finish reasons: "stop" (a stop token was sampled; it is included in token_ids), "length"
+log softmax(logits / T)). Greedy decoding reports log softmax(logits) of the chosen token. Finish
+reasons (FinishReason): "stop" (a stop token was sampled; it is included in token_ids), "length"
 (max_new_tokens reached), "cutoff" (the sequence's own budget, smaller than max_new_tokens).
 
-Reproducibility: one torch.Generator seeded with `seed` drives all sampling, so the same seed, slots
-and machine give the same tokens. Greedy output does not depend on `slots`.
-
-Not here: tokenization (token ids in, token ids out), paged KV blocks, speculative decoding.
+Not here: tokenization (token ids in, token ids out), chunked prefill, prefix caching across calls,
+speculative decoding.
 """
 
 from __future__ import annotations
 
-import math
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
-from model import KVCache, Qwen3
+import kernels
+from model import PagedKVCache, Qwen3
 
 
 
@@ -86,27 +100,79 @@ class Rollout:
 # Sampling
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
-    """logits [B, V] -> (tokens [B] int64, log-probs [B] float32) under the filtered distribution."""
+def sample(logits: torch.Tensor, params: SamplingParams, seed: int, streams: torch.Tensor, samples: torch.Tensor,
+           positions: torch.Tensor):
+    """logits [B, V] -> (tokens [B] int64, log-probs [B] float32) under the filtered distribution. The
+    noise of row b is a function of (seed, streams[b], samples[b], positions[b]) alone
+    (kernels.sample_tokens); temperature 0 is greedy."""
     logits = logits.float()
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    z = logits / params.temperature
-    if params.top_k > 0 and params.top_k < z.shape[-1]:
-        kth = torch.topk(z, params.top_k, dim=-1).values[:, -1:]  # [B, 1]
-        z = z.masked_fill(z < kth, -math.inf)
-    if params.top_p < 1:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        probs = torch.softmax(sorted_z, -1)
-        # drop a token once the ones before it already cover top_p (the most likely one always stays)
-        drop = probs.cumsum(-1) - probs >= params.top_p
-        z = z.scatter(-1, order, sorted_z.masked_fill(drop, -math.inf))
-    logp = torch.log_softmax(z, -1)  # [B, V], renormalized over what survived the filters
-    # Gumbel-max in its exponential form: argmax p / E with E ~ Exp(1) draws from p, with no host sync.
-    noise = torch.empty_like(logp).exponential_(1, generator=generator)
-    tokens = (logp - noise.log()).argmax(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    return kernels.sample_tokens(logits, params.temperature, seed, streams, samples, positions, params.top_k,
+                                 params.top_p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The KV pool's bookkeeping
+
+BLOCK_SIZE = 16  # positions per KV block (kernels/paged_attention.py says why 16)
+TRASH = 0  # block 0 is never handed out: lanes without a sequence write their keys there
+KV_MEMORY_FRACTION = 0.6  # of the free GPU memory, taken by the KV pool when its size is not given
+
+
+class BlockPool:
+    """Which blocks of a PagedKVCache are free, and how many tables hold each taken one (a prompt's
+    full blocks are held by every sample of it). Host-side; nothing here touches the tensors."""
+
+    def __init__(self, blocks: int):
+        self.free = list(range(blocks - 1, TRASH, -1))  # popped from the end: low ids first
+        self.refs = [0] * blocks
+
+    def available(self) -> int:
+        return len(self.free)
+
+    def take(self, n: int) -> list[int]:
+        assert n <= len(self.free)
+        taken = [self.free.pop() for _ in range(n)]
+        for b in taken:
+            self.refs[b] = 1
+        return taken
+
+    def share(self, blocks: list[int]):
+        for b in blocks:
+            self.refs[b] += 1
+
+    def release(self, blocks: list[int]):
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
+
+
+def kv_bytes_per_position(config, dtype: torch.dtype) -> int:
+    """Keys and values of one position: every layer, every key-value head."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * (torch.finfo(dtype).bits // 8)
+
+
+def kv_tokens_that_fit(config, dtype: torch.dtype, free_bytes: float) -> int:
+    """The default pool: KV_MEMORY_FRACTION of `free_bytes`, in positions (whole blocks; plan.py uses
+    the same rule)."""
+    blocks = max(0, int(KV_MEMORY_FRACTION * free_bytes) // (BLOCK_SIZE * kv_bytes_per_position(config, dtype)))
+    return blocks * BLOCK_SIZE
+
+
+@dataclass(eq=False)  # compared by identity: list.index finds a sequence's lane
+class _Sequence:
+    """One sample: its prompt, its block table, and (after a preemption) what it had generated."""
+    prompt: int
+    sample: int
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0  # positions written to the pool; an upper bound between host syncs
+    tokens: list[int] = field(default_factory=list)  # generated before a preemption
+    logprobs: list[float] = field(default_factory=list)
+    admitted: int = 0  # admission order (preemption takes the newest first)
+    deadline: int = 0  # the decode step by which it must be done
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,23 +182,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 @torch.no_grad()
 def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
              budgets: list[int | None] | None = None, seed: int | None = None, *,
-             counts: list[int] | None = None, slots: int | None = None, sync_every: int | None = None,
-             progress: bool = False, decode_step=None, stats: dict | None = None) -> list[list[Rollout]]:
+             counts: list[int] | None = None, streams: list[int] | None = None, slots: int | None = None,
+             kv_tokens: int | None = None, sync_every: int | None = None, graphs: bool | None = None,
+             progress: bool = False, stats: dict | None = None) -> list[list[Rollout]]:
     """Sample `params.n` continuations of every prompt (lists of token ids).
 
     counts: optional samples per prompt, overriding params.n (the trainer samples G solutions and
         M meta predictions in one call).
-
     budgets: optional per-prompt token budgets (early cutoff); a sample that reaches its prompt's
         budget before max_new_tokens and before a stop token ends with finish_reason "cutoff".
-    slots: sequences decoded concurrently (KV-cache rows). The cache holds slots x (longest prompt +
-        max_new_tokens) positions; by default as many as fit in 60% of the free GPU memory (256 on a
-        CPU), and never more than there are samples.
-    sync_every: decode steps between host reads of which slots finished (default 1 on a CPU, where
-        reading is free, 16 on a GPU).
-    decode_step: optional replacement for `decode`, e.g. torch.compile(rollout.decode).
-    stats: optional dict that receives the engine's hardware-independent counters (EngineStats'
-        fields), for bench/sampler.py.
+    streams: optional per-prompt stream ids for the sampling noise (default: the prompt's index);
+        the trainer passes global prompt indices, so that tokens do not depend on the ranks.
+    slots: lanes, the most sequences decoded at once (default 256, never more than the samples).
+    kv_tokens: positions the KV pool holds (default: KV_MEMORY_FRACTION of the free GPU memory; on a
+        CPU, enough for every lane at the full budget).
+    sync_every: decode steps between host syncs (default 1 on a CPU, where reading is free, 16 on a GPU).
+    graphs: decode through CUDA graphs (_DecodeGraphs). None (the default): on CUDA, off on a CPU.
+        True on a CPU runs the graphs' fixed shapes eagerly, the graph path less the capture (tests).
+    stats: optional dict that receives the engine's counters (EngineStats' fields), for bench/sampler.py.
     """
     if not prompts:
         return []
@@ -144,194 +211,353 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     counts = counts or [params.n] * len(prompts)
     if len(counts) != len(prompts) or any(c < 0 for c in counts):
         raise ValueError("counts must give one sample count (>= 0) per prompt")
-    device = model.embed_tokens.weight.device
-    work = deque((p, j) for p in range(len(prompts)) for j in range(counts[p]))
-    if not work:
+    streams = list(range(len(prompts))) if streams is None else list(streams)
+    if len(streams) != len(prompts):
+        raise ValueError("streams must give one stream id per prompt")
+    if not any(counts):
         return [[] for _ in prompts]
-    max_new = params.max_new_tokens
-    max_len = max(len(p) for p, c in zip(prompts, counts) if c) + max_new
-    dtype = model.embed_tokens.weight.dtype
-    S = min(len(work), slots or _default_slots(model.config, max_len, dtype, device))
-    cache = KVCache(model.config, S, max_len, dtype, device)
-    sync_every = sync_every or (16 if device.type == "cuda" else 1)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed) if seed is not None else generator.seed()
-    step = decode_step or decode
-    # Attend to the first kv_len positions, rounded up: coarsely on a GPU (a compiled step recompiles
-    # per shape), finely on a CPU (attention over unused positions is paid in full there).
-    bucket = 256 if device.type == "cuda" or decode_step is not None else 16
-
-    # Per-slot state on the device. `pos` is where the next input token goes in the cache.
-    token = torch.zeros(S, dtype=torch.long, device=device)  # next input token
-    pos = torch.zeros(S, dtype=torch.long, device=device)
-    count = torch.zeros(S, dtype=torch.long, device=device)  # tokens generated so far
-    budget = torch.ones(S, dtype=torch.long, device=device)
-    active = torch.zeros(S, dtype=torch.bool, device=device)
-    finish = torch.zeros(S, dtype=torch.long, device=device)  # FinishReason.code, 0 while running
-    out_tokens = torch.zeros(S, max_new, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros(S, max_new, dtype=torch.float32, device=device)
-    stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-    rows = torch.arange(S, device=device)
-
-    # Host-side view: what each slot holds and an upper bound on its length (for kv_len).
-    owner: list[tuple[int, int] | None] = [None] * S  # (prompt, sample) or None when free
-    host_len = [0] * S
-    results: list[list[Rollout | None]] = [[None] * c for c in counts]
-    bar = _progress_bar(len(work), progress)
-    generated = [0]  # tokens in finished rollouts, for the progress bar
-
-    def admit(free: list[int]):
-        """Fill free slots with pending samples: copy or prefill their prompt's prefix."""
-        taken = [(s, work.popleft()) for s in free[:len(work)]]
-        holders = {}  # prompt -> a slot that already holds its prefix
-        for s, o in enumerate(owner):
-            if o is not None and s not in free:
-                holders.setdefault(o[0], s)
-        to_prefill = {}
-        for s, (p, _) in taken:
-            if p not in holders and p not in to_prefill:
-                to_prefill[p] = s
-        _prefill(model, cache, {s: prompts[p][:-1] for p, s in to_prefill.items()})
-        holders.update(to_prefill)
-        # copy the prompt prefix (positions 0 .. len - 2) into every other slot that takes a sample of it
-        for s, (p, _) in taken:
-            if holders[p] != s:
-                cache.copy_prefix(holders[p], s, len(prompts[p]) - 1)
-        idx = torch.tensor([s for s, _ in taken], device=device)
-        lengths = [len(prompts[p]) for _, (p, _) in taken]
-        token[idx] = torch.tensor([prompts[p][-1] for _, (p, _) in taken], device=device)
-        pos[idx] = torch.tensor(lengths, device=device) - 1
-        count[idx] = 0
-        budget[idx] = torch.tensor([min(budgets[p] or max_new, max_new) for _, (p, _) in taken], device=device)
-        active[idx] = True
-        finish[idx] = 0
-        for (s, (p, j)), n in zip(taken, lengths):
-            owner[s], host_len[s] = (p, j), n
-            deadline[s] = steps + min(budgets[p] or max_new, max_new)  # the step by which it must be done
-
-    def harvest() -> list[int]:
-        """Collect finished slots' rollouts; return the slots now free."""
-        done = [s for s, f in enumerate(finish.tolist()) if f and owner[s] is not None]
-        if done:
-            idx = torch.tensor(done, device=device)
-            counts = count[idx].tolist()
-            reasons = finish[idx].tolist()
-            toks, lps = out_tokens[idx].tolist(), out_logprobs[idx].tolist()
-            for s, c, r, t, lp in zip(done, counts, reasons, toks, lps):
-                p, j = owner[s]
-                results[p][j] = Rollout(t[:c], lp[:c], list(FinishReason)[r - 1])
-                owner[s] = None
-            generated[0] += sum(counts)
-            bar.set_postfix(tokens=generated[0], refresh=False)
-            bar.update(len(done))
-        return [s for s in range(S) if owner[s] is None]
-
-    steps = 0  # decode steps so far
-    deadline = [0] * S
-    admit(list(range(S)))
-    steps_since_sync = 0
-    counters = EngineStats(rows=S)
-    while any(o is not None for o in owner):
-        kv_len = min(cache.max_len, _round_up(max(host_len[s] for s in range(S) if owner[s] is not None), bucket))
-        counters.count_step([host_len[s] for s in range(S) if owner[s] is not None], S * kv_len)
-        logits = step(model, cache, token, pos, kv_len)  # [S, V]
-        new_token, new_logprob = sample(logits, params, generator)
-        column = count.clamp(max=max_new - 1)
-        out_tokens[rows, column] = torch.where(active, new_token, out_tokens[rows, column])
-        out_logprobs[rows, column] = torch.where(active, new_logprob, out_logprobs[rows, column])
-        count += active
-        stopped = torch.isin(new_token, stop_ids) & active
-        exhausted = (count >= budget) & active & ~stopped
-        finish.masked_fill_(stopped, FinishReason.STOP.code)
-        finish.masked_fill_(exhausted & (budget >= max_new), FinishReason.LENGTH.code)
-        finish.masked_fill_(exhausted & (budget < max_new), FinishReason.CUTOFF.code)
-        active &= ~(stopped | exhausted)
-        token.copy_(new_token)
-        pos.add_(1).clamp_(max=cache.max_len - 1)  # idle slots keep writing into their own row
-        for s in range(S):
-            if owner[s] is not None:
-                host_len[s] = min(host_len[s] + 1, cache.max_len)
-        steps_since_sync += 1
-        steps += 1
-        must_be_done = all(o is None or steps >= deadline[s] for s, o in enumerate(owner))
-        if steps_since_sync >= sync_every or (must_be_done and not work):
-            steps_since_sync = 0
-            free = harvest()
-            if free and work:
-                admit(free)
-    bar.close()
+    engine = _Engine(model, prompts, params, budgets, counts, streams,
+                     random.getrandbits(62) if seed is None else seed, slots, kv_tokens, sync_every, graphs, progress)
+    results = engine.run()
     if stats is not None:
-        counters.generated_tokens = generated[0]
-        stats.update(vars(counters))
+        stats.update(vars(engine.counters))
     return results
+
+
+class _Engine:
+    """The state of one generate call: the KV pool and its bookkeeping, the lanes (batch rows: each
+    holds a sequence or is free), the work queue, and the per-lane tensors the decode loop updates on
+    the device. `run` is the loop; admit / grow / preempt / harvest are the host's work at each sync."""
+
+    def __init__(self, model, prompts, params, budgets, counts, streams, seed, lanes, kv_tokens, sync_every, graphs,
+                 progress):
+        self.model, self.prompts, self.params, self.seed = model, prompts, params, seed
+        self.max_new = params.max_new_tokens
+        self.budgets = [min(b or self.max_new, self.max_new) for b in budgets]
+        device = self.device = model.embed_tokens.weight.device
+        config, dtype = model.config, model.embed_tokens.weight.dtype
+        self.work = deque((p, j, None) for p in range(len(prompts)) for j in range(counts[p]))
+        # A prompt's tokens but the last, prefilled once into blocks its samples share; the prefix holds
+        # them until its last sample is admitted (then they live on in the samples' tables).
+        self.prefixes: dict[int, list[int] | None] = {p: None for p in range(len(prompts)) if counts[p]}
+        self.pending = {p: counts[p] for p in self.prefixes}  # samples not yet admitted
+        S = self.lanes = min(len(self.work), lanes or 256)
+        self.sync_every = sync_every or (16 if device.type == "cuda" else 1)
+        longest = max(len(prompts[p]) - 1 + self.budgets[p] for p in self.prefixes)  # positions of one sequence
+        self.max_blocks = -(-longest // BLOCK_SIZE) + 1
+        if kv_tokens is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                kv_tokens = kv_tokens_that_fit(config, dtype, free)
+            else:
+                kv_tokens = S * self.max_blocks * BLOCK_SIZE + sum(len(prompts[p]) for p in self.prefixes)
+        blocks = kv_tokens // BLOCK_SIZE + 1  # + the trash block
+        need = self.max_blocks  # one sequence at its full budget, with its prompt's partial block alongside
+        if blocks - 1 < need:
+            per_block = BLOCK_SIZE * kv_bytes_per_position(config, dtype)
+            raise ValueError(f"the KV pool holds {blocks - 1} blocks of {BLOCK_SIZE} positions "
+                             f"({(blocks - 1) * per_block / 2 ** 20:,.1f} MiB); the longest sequence (prompt + "
+                             f"budget, {longest} positions) needs {need} ({need * per_block / 2 ** 20:,.1f} MiB): "
+                             f"give more GPU memory or kv_tokens, or shorten the budget")
+        self.pool = PagedKVCache(config, blocks, BLOCK_SIZE, dtype, device)
+        self.blocks = BlockPool(blocks)
+        self.sequences: list[_Sequence | None] = [None] * S
+        self.results: list[list[Rollout | None]] = [[None] * c for c in counts]
+        self.streams = streams
+        self.admissions = 0
+        self.steps = 0
+        self.counters = EngineStats()
+        self.bar = _progress_bar(len(self.work), progress)
+        # per-lane state on the device; `pos` is where the next input token goes
+        zeros = lambda dtype=torch.long: torch.zeros(S, dtype=dtype, device=device)  # noqa: E731
+        self.token, self.pos, self.count, self.budget = zeros(), zeros(), zeros(), zeros()
+        self.stream, self.sample_id = zeros(), zeros()
+        self.active, self.finish = zeros(torch.bool), zeros()
+        self.table = torch.zeros(S, self.max_blocks, dtype=torch.int32, device=device)  # TRASH where unused
+        self.out_tokens = torch.zeros(S, self.max_new, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(S, self.max_new, dtype=torch.float32, device=device)
+        self.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        on_gpu = device.type == "cuda"
+        self.graphs = (_DecodeGraphs(self.step, S, self.max_blocks * BLOCK_SIZE, capture=on_gpu)
+                       if (on_gpu if graphs is None else graphs) else None)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> list[list[Rollout]]:
+        self.schedule()
+        since_sync = 0
+        while any(s is not None for s in self.sequences):
+            self.decode_step()
+            since_sync += 1
+            must_be_done = all(s is None or self.steps >= s.deadline for s in self.sequences)
+            if since_sync >= self.sync_every or (must_be_done and not self.work):
+                since_sync = 0
+                self.harvest()
+                self.schedule()
+                self.compact()
+        self.bar.close()
+        return self.results
+
+    def decode_step(self):
+        """One token for every lane up to the last occupied one: [rows, 1] through the paged forward."""
+        R = max(i for i, s in enumerate(self.sequences) if s is not None) + 1
+        lengths = [s.length for s in self.sequences[:R] if s is not None]
+        if self.graphs is not None:
+            rows = self.graphs.run(R)
+        else:
+            rows = R
+            self.step(R, max(lengths) + 1)
+        self.counters.count_step(rows, lengths, queued=bool(self.work))
+        for s in self.sequences[:R]:
+            if s is not None:
+                s.length += 1
+        self.steps += 1
+
+    def step(self, R: int, kv_len: int):
+        """The device's half of a decode step for lanes [:R] (kv_len bounds their lengths + 1): forward,
+        sample, record, stop checks. No host sync and, for fixed (R, kv_len), fixed shapes and
+        addresses: what a CUDA graph can capture."""
+        hidden = self.model(self.token[:R, None], cache=self.pool, start=self.pos[:R], block_table=self.table[:R],
+                            kv_len=kv_len, return_hidden=True)  # [R, 1, H]
+        logits = self.model.logits(hidden[:, 0]).float()
+        new_token, new_logprob = sample(logits, self.params, self.seed, self.stream[:R], self.sample_id[:R],
+                                        self.count[:R])
+        active, count, budget = self.active[:R], self.count[:R], self.budget[:R]
+        rows = torch.arange(R, device=self.device)
+        column = count.clamp(max=self.max_new - 1)
+        self.out_tokens[rows, column] = torch.where(active, new_token, self.out_tokens[rows, column])
+        self.out_logprobs[rows, column] = torch.where(active, new_logprob, self.out_logprobs[rows, column])
+        count += active
+        stopped = torch.isin(new_token, self.stop_ids) & active
+        exhausted = (count >= budget) & active & ~stopped
+        self.finish[:R].masked_fill_(stopped, FinishReason.STOP.code)
+        self.finish[:R].masked_fill_(exhausted & (budget >= self.max_new), FinishReason.LENGTH.code)
+        self.finish[:R].masked_fill_(exhausted & (budget < self.max_new), FinishReason.CUTOFF.code)
+        active &= ~(stopped | exhausted)
+        self.token[:R] = new_token
+        # A finished lane keeps decoding until the next sync, writing past its end: into its own
+        # blocks, or the trash block where its table has none (pos stays inside the table).
+        self.pos[:R] = (self.pos[:R] + 1).clamp(max=self.max_blocks * BLOCK_SIZE - 1)
+
+    # -- the host's work at a sync -------------------------------------------------------------------
+
+    def harvest(self):
+        """Collect the finished lanes' rollouts and free their lanes and blocks."""
+        finished = [i for i, f in enumerate(self.finish.tolist()) if f and self.sequences[i] is not None]
+        if not finished:
+            return
+        idx = torch.tensor(finished, device=self.device)
+        counts, reasons = self.count[idx].tolist(), self.finish[idx].tolist()
+        tokens, logprobs = self.out_tokens[idx].tolist(), self.out_logprobs[idx].tolist()
+        for lane, c, r, t, lp in zip(finished, counts, reasons, tokens, logprobs):
+            s = self.sequences[lane]
+            self.results[s.prompt][s.sample] = Rollout(t[:c], lp[:c], list(FinishReason)[r - 1])
+            self.free_lane(lane)
+        self.counters.generated_tokens += sum(counts)
+        self.bar.set_postfix(tokens=self.counters.generated_tokens, refresh=False)
+        self.bar.update(len(finished))
+
+    def compact(self):
+        """Move the sequences of the highest lanes into the free lanes below them: a decode step
+        computes every lane up to the last occupied one, so holes left by finished sequences would
+        be computed for nothing."""
+        free = [i for i, s in enumerate(self.sequences) if s is None]
+        taken = [i for i, s in enumerate(self.sequences) if s is not None]
+        moves = []
+        while free and taken and free[0] < taken[-1]:
+            moves.append((taken.pop(), free.pop(0)))
+        if not moves:
+            return
+        source = torch.tensor([m[0] for m in moves], device=self.device)
+        target = torch.tensor([m[1] for m in moves], device=self.device)
+        for lane_state in (self.token, self.pos, self.count, self.budget, self.stream, self.sample_id, self.active,
+                           self.finish, self.table, self.out_tokens, self.out_logprobs):
+            lane_state[target] = lane_state[source]
+        for old, new in moves:
+            self.sequences[new], self.sequences[old] = self.sequences[old], None
+        self.table[source], self.pos[source], self.active[source] = TRASH, 0, False
+
+    def schedule(self):
+        """Give every running sequence blocks for the next sync_every positions, preempting the newest
+        when the pool runs out; then admit pending samples while blocks remain (headroom for running
+        sequences to grow stays free: a quarter of a block each, and at least one sync's growth; a
+        tighter reserve admits more and preempts more, a looser one wastes the pool)."""
+        running = sorted((s for s in self.sequences if s is not None), key=lambda s: s.admitted)
+        while running and self.growth(running) > self.blocks.available():
+            self.preempt(running.pop())
+        for s in running:
+            self.grow(s)
+        while self.work and None in self.sequences:
+            p, j, resumed = self.work[0]
+            running = sum(s is not None for s in self.sequences)
+            headroom = -(-running * max(self.sync_every, 4) // BLOCK_SIZE)
+            if self.admission_need(p, resumed) + headroom > self.blocks.available():
+                if running:
+                    break
+                # Nothing runs, yet the next sample does not fit: prefixes waiting for their other
+                # samples hold the pool. Let them go (they are prefilled again when needed).
+                for q, blocks in self.prefixes.items():
+                    if blocks is not None and q != p:
+                        self.blocks.release(blocks)
+                        self.prefixes[q] = None
+                assert self.admission_need(p, resumed) <= self.blocks.available()  # __init__ checked one fits
+            self.work.popleft()
+            self.admit(p, j, resumed)
+
+    def target_blocks(self, s: _Sequence) -> int:
+        """Blocks s needs to write its next sync_every positions (never past its budget)."""
+        last = len(self.prompts[s.prompt]) - 1 + self.budgets[s.prompt]  # positions it can ever write
+        return -(-min(s.length + self.sync_every, last) // BLOCK_SIZE)
+
+    def growth(self, running: list[_Sequence]) -> int:
+        return sum(max(0, self.target_blocks(s) - len(s.blocks)) for s in running)
+
+    def grow(self, s: _Sequence):
+        new = self.blocks.take(max(0, self.target_blocks(s) - len(s.blocks)))
+        if new:
+            lane = self.sequences.index(s)
+            self.table[lane, len(s.blocks):len(s.blocks) + len(new)] = torch.tensor(new, dtype=torch.int32)
+            s.blocks += new
+
+    def admission_need(self, p: int, resumed: _Sequence | None) -> int:
+        """Blocks admitting a sample of prompt p takes now: its prefix (if not yet in the pool) or, when
+        resuming a preempted sample, its whole recomputed sequence; plus the next sync's growth."""
+        prefix = len(self.prompts[p]) - 1
+        if resumed is not None:
+            return -(-min(prefix + len(resumed.tokens) + self.sync_every, prefix + self.budgets[p]) // BLOCK_SIZE)
+        ahead = -(-min(prefix + self.sync_every, prefix + self.budgets[p]) // BLOCK_SIZE)
+        shared = prefix // BLOCK_SIZE  # full prefix blocks, shared
+        own = ahead - shared  # the copied partial block and the growth
+        return own + (0 if self.prefixes[p] is not None else -(-prefix // BLOCK_SIZE))
+
+    def admit(self, p: int, j: int, resumed: _Sequence | None):
+        lane = self.sequences.index(None)
+        prompt = self.prompts[p]
+        prefix = len(prompt) - 1
+        if resumed is not None:  # recompute: prompt and generated tokens but the last, into its own blocks
+            s = resumed
+            *history, next_token = prompt + s.tokens
+            s.blocks = self.blocks.take(-(-len(history) // BLOCK_SIZE))
+            self.prefill(history, s.blocks)
+            s.length = len(history)
+            self.out_tokens[lane, :len(s.tokens)] = torch.tensor(s.tokens, device=self.device)
+            self.out_logprobs[lane, :len(s.tokens)] = torch.tensor(s.logprobs, device=self.device)
+        else:
+            s = _Sequence(p, j)
+            if self.prefixes[p] is None:
+                self.prefixes[p] = self.blocks.take(-(-prefix // BLOCK_SIZE))
+                self.prefill(prompt[:-1], self.prefixes[p])
+            shared = self.prefixes[p][:prefix // BLOCK_SIZE]
+            self.blocks.share(shared)
+            s.blocks = list(shared)
+            if prefix % BLOCK_SIZE:  # the partly filled last block: a copy of its own (copy on write)
+                (copy,) = self.blocks.take(1)
+                source = self.prefixes[p][-1]
+                self.pool.k[:, copy], self.pool.v[:, copy] = self.pool.k[:, source], self.pool.v[:, source]
+                s.blocks.append(copy)
+            self.pending[p] -= 1
+            if self.pending[p] == 0:
+                self.blocks.release(self.prefixes[p])
+                self.prefixes[p] = None
+            s.length, next_token = prefix, prompt[-1]
+        self.admissions += 1
+        s.admitted = self.admissions
+        s.deadline = self.steps + self.budgets[p] - len(s.tokens)
+        self.sequences[lane] = s
+        self.table[lane] = TRASH
+        self.table[lane, :len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+        self.grow(s)
+        self.token[lane], self.pos[lane], self.count[lane] = next_token, s.length, len(s.tokens)
+        self.budget[lane], self.active[lane], self.finish[lane] = self.budgets[p], True, 0
+        self.stream[lane], self.sample_id[lane] = self.streams[p], s.sample
+
+    def preempt(self, s: _Sequence):
+        """Free a running sequence's blocks and queue it first again, keeping what it generated; it is
+        recomputed from its tokens when readmitted, and samples on exactly as it would have."""
+        lane = self.sequences.index(s)
+        c = int(self.count[lane])
+        s.tokens = self.out_tokens[lane, :c].tolist()
+        s.logprobs = self.out_logprobs[lane, :c].tolist()
+        self.free_lane(lane)
+        self.work.appendleft((s.prompt, s.sample, s))
+        self.counters.preemptions += 1
+
+    def free_lane(self, lane: int):
+        self.blocks.release(self.sequences[lane].blocks)
+        self.sequences[lane] = None
+        self.table[lane] = TRASH
+        self.pos[lane] = 0
+        self.active[lane] = False
+
+    def prefill(self, tokens: list[int], blocks: list[int]):
+        """Write the keys and values of `tokens` (positions 0..) into `blocks`: one dense forward."""
+        if tokens:
+            table = torch.tensor([blocks], dtype=torch.int32, device=self.device)
+            self.model(torch.tensor([tokens], device=self.device), cache=self.pool, start=0, block_table=table,
+                       kv_len=len(tokens), return_hidden=True)
+
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # and the lane count
+
+
+class _DecodeGraphs:
+    """The decode step as CUDA graphs, one per batch size: a step over R lanes runs the smallest size
+    >= R among GRAPH_BATCH_SIZES (and the lane count); the lanes past R are free, write to the trash
+    block and are discarded. A size is captured the first time a step needs it, right after an eager
+    run of that same step (which compiles its kernels and is itself a real step, so nothing is wasted
+    or recomputed); later steps replay the graph: one launch instead of a few hundred kernel launches,
+    which at small batches cost more than the kernels themselves. Attention is given kv_len = the block
+    table's width, so a size's shapes never change; the kernel still reads only live positions
+    (kernels/paged_attention.py masks by seq_lens, not kv_len). The graphs hold the engine's tensors'
+    addresses, so they live and die with one generate call; all sizes share one memory pool.
+    capture=False (a CPU, in tests) runs the same fixed shapes eagerly: the graph path, less the capture."""
+
+    def __init__(self, step, lanes: int, kv_len: int, capture: bool):
+        self.step, self.kv_len, self.capture = step, kv_len, capture
+        self.sizes = sorted({size for size in GRAPH_BATCH_SIZES if size < lanes} | {lanes})
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.memory = torch.cuda.graph_pool_handle() if capture else None
+
+    def run(self, R: int) -> int:
+        """One decode step over at least R lanes; returns how many it ran."""
+        size = next(size for size in self.sizes if size >= R)
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return size
+        self.step(size, self.kv_len)
+        if self.capture:
+            graph = self.graphs[size] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.memory):  # recorded, not run
+                self.step(size, self.kv_len)
+        return size
 
 
 @dataclass
 class EngineStats:
     """What one generate call did, in units that do not depend on the hardware (bench/sampler.py turns
     them into a decode-time bound on a stated memory bandwidth): each decode step reads the weights
-    once and, per sequence row it computes, the keys and values its attention spans."""
-    rows: int  # sequence rows each decode step computes (the pool's slots, busy or idle)
+    once and, per sequence, the keys and values of its live positions (the paged kernel reads no others)."""
     decode_steps: int = 0
-    live_sequences: int = 0  # summed over steps: sequences holding a slot (decoded together)
+    rows_decoded: int = 0  # summed over steps: lanes each step computed (occupied or not)
+    live_sequences: int = 0  # summed over steps: sequences decoded together
     peak_live_sequences: int = 0
-    kv_positions_read: int = 0  # summed over steps and rows: positions the attention spans
-    kv_positions_live: int = 0  # summed over steps: the live sequences' own lengths
+    kv_positions_read: int = 0  # summed over steps and lanes: positions the attention reads
+    kv_positions_live: int = 0  # summed over steps: the live sequences' own positions
     generated_tokens: int = 0
+    preemptions: int = 0
+    queued_steps: int = 0  # steps while samples waited for the pool (not yet admitted, or preempted)
+    queued_live_sequences: int = 0  # summed over those steps: what the pool held while it was the limit
 
-    def count_step(self, live_lengths: list[int], positions_read: int):
+    def count_step(self, rows: int, live_lengths: list[int], queued: bool):
         self.decode_steps += 1
+        self.queued_steps += queued
+        self.queued_live_sequences += len(live_lengths) if queued else 0
+        self.rows_decoded += rows
         self.live_sequences += len(live_lengths)
         self.peak_live_sequences = max(self.peak_live_sequences, len(live_lengths))
-        self.kv_positions_read += positions_read
-        self.kv_positions_live += sum(live_lengths)
-
-
-def decode(model: Qwen3, cache: KVCache, token: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """One decode step for every slot: token [S] at cache position pos [S] -> next-token logits [S, V]."""
-    hidden = model(token[:, None], cache=cache, start=pos, kv_len=kv_len, return_hidden=True)  # [S, 1, H]
-    return model.logits(hidden[:, 0]).float()
-
-
-def _prefill(model: Qwen3, cache: KVCache, prefixes: dict[int, list[int]], max_tokens: int = 32768):
-    """Write each prefix's keys/values into its slot (slot -> tokens): batched forwards of similar
-    lengths, each within max_tokens padded tokens."""
-    items = sorted(((s, t) for s, t in prefixes.items() if t), key=lambda item: len(item[1]))
-    while items:
-        T = len(items[0][1])
-        batch = []
-        while items and (len(batch) + 1) * max(T, len(items[0][1])) <= max(max_tokens, len(items[0][1])):
-            batch.append(items.pop(0))
-            T = max(T, len(batch[-1][1]))
-        ids = torch.tensor([t + [0] * (T - len(t)) for _, t in batch], device=cache.k.device)  # right-padded
-        model(ids, cache=cache, start=0, rows=[s for s, _ in batch], kv_len=T, return_hidden=True)
-
-
-KV_MEMORY_FRACTION = 0.6  # of the free GPU memory, taken by the KV pool when `slots` is not given
-
-
-def kv_bytes_per_slot(config, max_len: int, dtype: torch.dtype) -> int:
-    """Keys and values of one slot: every layer, every key-value head, max_len positions."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * max_len * (
-        torch.finfo(dtype).bits // 8)
-
-
-def slots_that_fit(config, max_len: int, dtype: torch.dtype, free_bytes: float) -> int:
-    """The default pool size: slots of kv_bytes_per_slot in KV_MEMORY_FRACTION of `free_bytes` (the
-    memory plan in plan.py uses the same rule)."""
-    return max(0, int(KV_MEMORY_FRACTION * free_bytes) // kv_bytes_per_slot(config, max_len, dtype))
-
-
-def _default_slots(config, max_len: int, dtype: torch.dtype, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 256
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch, unused
-    return max(1, slots_that_fit(config, max_len, dtype, free))
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+        self.kv_positions_read += sum(n + 1 for n in live_lengths) + (rows - len(live_lengths))  # free lanes: 1
+        self.kv_positions_live += sum(n + 1 for n in live_lengths)
 
 
 class _NoBar:

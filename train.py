@@ -25,8 +25,9 @@ One step follows one rollout record, masa.Episode, through these stages (`collec
                       count, gradient-norm clip, AdamW with linear warmup; a non-finite loss or
                       gradient skips the step and leaves the weights untouched
 11. behaviour_cloning, refresh_actor, then the step's record in metrics.jsonl, validation, checkpoints
-Rollouts are seeded by (seed, step, rank, purpose), so a resumed run repeats exactly what the
-uninterrupted run would have done; checkpoints are written atomically (checkpoints.py).
+Rollouts are seeded by (seed, step, purpose) and each sequence's noise by its global prompt index
+(rollout.generate's streams), so a resumed run repeats exactly what the uninterrupted run would
+have done, on any number of ranks; checkpoints are written atomically (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -80,9 +81,11 @@ def step_problems(problems: list[dict], cfg: Config, step: int, env: Env) -> lis
     return out
 
 
-def seed_for(cfg: Config, step: int, rank: int, purpose: int) -> int:
-    """An independent seed per (run seed, step, rank, purpose): no two sampling calls share a stream."""
-    return int(np.random.SeedSequence([cfg.train.seed, step, rank, purpose]).generate_state(1)[0])
+def seed_for(cfg: Config, step: int, index: int, purpose: int) -> int:
+    """An independent seed per (run seed, step, index, purpose), where index is a rank (per-rank draws:
+    warm start, audit, validation), a global prompt index (hints) or 0 (rollouts, whose sequences the
+    sampler's streams tell apart): no two draws share a stream."""
+    return int(np.random.SeedSequence([cfg.train.seed, step, index, purpose]).generate_state(1)[0])
 
 
 SEED_JOINT, SEED_SOLUTION, SEED_HINTS, SEED_AUDIT_GATED, SEED_AUDIT_CUT, SEED_VALIDATION, SEED_WARM_START = range(7)
@@ -138,12 +141,12 @@ def sample_step(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer,
     solution path (masa.steer: gating, cutoff budgets, hints); otherwise both paths share one sampler
     call (GRPO: the solution path alone)."""
     G, M = cfg.rollout.group_size, cfg.rollout.meta_group_size
-    seed = partial(seed_for, cfg, step, env.rank)
+    seed = partial(seed_for, cfg, step, 0)  # the same on every rank: the streams tell sequences apart
     run = partial(sample, cfg, actor, tokenizer)
     if steers(cfg, step):
         meta = run([(p, "meta", M) for p in prompts], seed(SEED_JOINT))
-        hints = torch.Generator().manual_seed(seed(SEED_HINTS))
-        masa.steer(prompts, meta, cfg.efficient, G, cfg.rollout.max_response_tokens, hints)
+        hint_seeds = [seed_for(cfg, step, p.index, SEED_HINTS) for p in prompts]  # per prompt: rank-free
+        masa.steer(prompts, meta, cfg.efficient, G, cfg.rollout.max_response_tokens, hint_seeds)
         for p in prompts:
             p.solution_ids = solution_prompt_ids(tokenizer, cfg, p.problem, p.hint)
         return run([(p, "solution", 0 if p.gated else G) for p in prompts], seed(SEED_SOLUTION)), meta
@@ -159,8 +162,12 @@ def sample(cfg: Config, actor: Qwen3, tokenizer, requests: list[tuple[Prompt, st
     cutoff budget."""
     ids = [p.meta_ids if path == "meta" else p.solution_ids for p, path, _ in requests]
     budgets = [p.budget if path == "solution" else None for p, path, _ in requests]
+    # A sequence's sampling noise is keyed by (seed, stream, sample, position): streams are global
+    # prompt indices (x2, + 1 on the solution path), so no rank or batch composition changes a token.
+    streams = [2 * p.index + (path == "solution") for p, path, _ in requests]
     rollouts = generate(actor, ids, sampling_params(cfg, tokenizer), budgets=budgets, seed=seed,
-                        counts=[n for _, _, n in requests], slots=cfg.rollout.slots or None)
+                        counts=[n for _, _, n in requests], streams=streams, slots=cfg.rollout.slots or None,
+                        kv_tokens=cfg.rollout.kv_tokens or None, graphs=None if cfg.rollout.cuda_graphs else False)
     episodes = []
     for (prompt, path, _), prompt_ids, group in zip(requests, ids, rollouts):
         for r in group:
@@ -249,7 +256,9 @@ def validate(cfg: Config, env: Env, actor, tokenizer, pool, problems: list[dict]
                                   top_p=cfg.validation.top_p, max_new_tokens=cfg.rollout.max_response_tokens,
                                   meta=False, progress=False)
     records = sample_problems(actor, tokenizer, problems[env.rank::env.world], settings, pool,
-                              seed_for(cfg, 0, env.rank, SEED_VALIDATION), cfg.prompt, cfg.rollout.slots or None)
+                              seed_for(cfg, 0, 0, SEED_VALIDATION), cfg.prompt, cfg.rollout.slots or None,
+                              streams=list(range(env.rank, len(problems), env.world)),
+                              graphs=None if cfg.rollout.cuda_graphs else False)
     graded = [r["correct"] for record in records for r in record["responses"]]
     right, total = all_reduce([sum(graded), len(graded)], env)
     return right / total if total else float("nan")

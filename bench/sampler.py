@@ -10,8 +10,8 @@ max_new_tokens tokens (no stop token), and tokens/s counts generated tokens over
 prefill included: the median of --repeats runs, the two sides alternating. transformers gets the prompts repeated n times as one batch (on CUDA with its
 static cache); on a GPU it runs only `--hf-prompts` of the prompts, since its batch must hold every
 sequence at once. The decode floor is what memory bandwidth allows: each decode step must read the
-weights and every live sequence's keys/values, so floor tokens/s = slots x bandwidth / (weight bytes
-+ slots x mean live length x KV bytes per token).
+weights and every live sequence's keys/values, so floor tokens/s = lanes x bandwidth / (weight bytes
++ lanes x mean live length x KV bytes per token).
 
 --long-tail: GRPO's shape at 1/32 of the paper's lengths, on the CPU. 32 prompts x G = 16 samples
 (512 sequences: what one of 8 GPUs samples per step with B = 128 and G = M = 16), 16-token prompts,
@@ -56,9 +56,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int)
     parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--slots", type=int, help="rollout.generate's KV pool (default: 256, or all on a CPU)")
+    parser.add_argument("--slots", type=int, help="rollout.generate's lanes (default: 256, or all on a CPU)")
     parser.add_argument("--hf-prompts", type=int, help="prompts transformers runs (default: all on a CPU, 4 on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
     parser.add_argument("--long-tail", action="store_true", help="the long-tailed workload's counters (CPU)")
     parser.add_argument("--kv-positions", type=int, default=22 * (16 + 256), help="--long-tail's KV memory")
@@ -83,11 +82,6 @@ def main(argv=None) -> dict:
     model = Qwen3(config, dtype=dtype, device=device).eval()
     prompts = torch.randint(0, config.vocab_size, (P, L)).tolist()
     params = SamplingParams(n=args.n, temperature=0, max_new_tokens=new)
-    step = None
-    if args.compile:
-        import rollout
-
-        step = torch.compile(rollout.decode, dynamic=False)
     name = torch.cuda.get_device_name() if big else "CPU"
     print(f"device: {name}; model {'Qwen3-1.7B shapes' if big else 'small'} ({config.num_parameters() / 1e6:.1f}M "
           f"parameters, {str(dtype).removeprefix('torch.')}); {P} prompts x {args.n} samples, {L} prompt tokens, "
@@ -102,8 +96,12 @@ def main(argv=None) -> dict:
     extra = dict(cache_implementation="static") if big else {}
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
 
+    # graphs=True: CUDA graphs on CUDA; on a CPU, the graphs' fixed shapes run eagerly (the path they take)
     def run_ours():
-        return generate(model, prompts, params, slots=slots, decode_step=step)
+        return generate(model, prompts, params, slots=slots, graphs=True)
+
+    def run_eager():
+        return generate(model, prompts, params, slots=slots, graphs=False)
 
     def run_hf():
         with torch.no_grad():
@@ -116,16 +114,21 @@ def main(argv=None) -> dict:
         sync(device)
         return time.perf_counter() - t0, out
 
-    generate(model, prompts[:1], replace(params, n=2, max_new_tokens=4), slots=2, decode_step=step)  # warm-up
+    generate(model, prompts[:1], replace(params, n=2, max_new_tokens=4), slots=2)  # warm-up
     with torch.no_grad():
         hf.generate(batch[:2], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
-    ours_times, hf_times = [], []
-    for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
+    ours_times, eager_times, hf_times = [], [], []
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
         seconds, ours = timed(run_ours)
         ours_times.append(seconds)
+        seconds, eager = timed(run_eager)
+        eager_times.append(seconds)
         seconds, hf_out = timed(run_hf)
         hf_times.append(seconds)
     ours_seconds, hf_seconds = statistics.median(ours_times), statistics.median(hf_times)
+    eager_seconds = statistics.median(eager_times)
+    assert [[r.token_ids for r in rs] for rs in eager] == [[r.token_ids for r in rs] for rs in ours], \
+        "graphs and eager decoding disagree"
     ours_rate = P * args.n * new / ours_seconds
     hf_rate = len(batch) * new / hf_seconds
     same = sum(r.token_ids == h for p in range(hf_prompts) for r, h in
@@ -141,11 +144,15 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|")
     print(f"| transformers generate{' (static cache)' if big else ''} | {len(batch)} | {hf_seconds:.2f} | "
           f"{hf_rate:,.0f} | 1.00x | {hf_rate / floor:.0%} |")
-    print(f"| rollout.generate ({live} slots{', compiled' if step else ''}) | {P * args.n} | {ours_seconds:.2f} | "
+    print(f"| rollout.generate ({live} lanes{', CUDA graphs' if big else ''}) | {P * args.n} | {ours_seconds:.2f} | "
           f"{ours_rate:,.0f} | {ours_rate / hf_rate:.2f}x | {ours_rate / floor:.0%} |")
+    eager_rate = P * args.n * new / eager_seconds
+    print(f"| rollout.generate ({live} lanes, eager) | {P * args.n} | {eager_seconds:.2f} | "
+          f"{eager_rate:,.0f} | {eager_rate / hf_rate:.2f}x | {eager_rate / floor:.0%} |")
     print(f"identical greedy outputs on the sequences both ran: {same:.1%}; "
           f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, decode floor {floor:,.0f} tokens/s")
-    return {"speedup": ours_rate / hf_rate, "of_floor": ours_rate / floor, "identical": same, "tokens_per_s": ours_rate}
+    return {"speedup": ours_rate / hf_rate, "of_floor": ours_rate / floor, "identical": same, "tokens_per_s": ours_rate,
+            "graphs_vs_eager": ours_rate / eager_rate}
 
 
 BANDWIDTHS = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, HBM3 / HBM3e
@@ -164,7 +171,7 @@ def long_tail(kv_positions: int) -> dict:
     generate(model, prompts[:1], replace(params, n=2, max_new_tokens=8), seed=1, slots=2)  # warm-up
     stats = {}
     t0 = time.perf_counter()
-    out = generate(model, prompts, params, seed=0, slots=kv_positions // (16 + budget), stats=stats)
+    out = generate(model, prompts, params, seed=0, stats=stats, kv_tokens=kv_positions)
     seconds = time.perf_counter() - t0
     lengths = sorted(len(r.token_ids) for rs in out for r in rs)
     return {"stats": stats, "seconds": seconds, "weight_bytes": sum(p.numel() * 4 for p in model.parameters()),
@@ -183,7 +190,10 @@ def derived(run: dict) -> dict:
     out = {"mean_concurrency": s["live_sequences"] / s["decode_steps"], "peak_concurrency": s["peak_live_sequences"],
            "kv_read_per_token": s["kv_positions_read"] / tokens, "kv_live_per_token": s["kv_positions_live"] / tokens,
            "weight_bytes_per_token": s["decode_steps"] * run["weight_bytes"] / tokens,
-           "cpu_tokens_per_s": tokens / run["seconds"]}
+           "cpu_tokens_per_s": tokens / run["seconds"], "rows_per_step": s["rows_decoded"] / s["decode_steps"] if "rows_decoded" in s else s["rows"],
+           # while samples waited (the pool was the limit); engines before this counter: None
+           "queued_concurrency": s["queued_live_sequences"] / s["queued_steps"] if s.get("queued_steps") else None,
+           "preemptions": s.get("preemptions")}
     for gpu, bandwidth in BANDWIDTHS.items():
         small = s["decode_steps"] * run["weight_bytes"] + s["kv_positions_read"] * run["kv_bytes_per_position"]
         out[f"bound_small_{gpu}"] = tokens / (small / bandwidth)
@@ -203,6 +213,10 @@ def long_tail_report(args) -> dict:
             ("decode steps", lambda r, d: f"{r['stats']['decode_steps']:,}"),
             ("sequences decoded together: mean / peak", lambda r, d: f"{d['mean_concurrency']:.1f} / "
              f"{d['peak_concurrency']}"),
+            ("  mean while samples wait for the pool", lambda r, d: "not counted" if d["queued_concurrency"] is None
+             else f"{d['queued_concurrency']:.1f}"),
+            ("  rows computed per step (lanes up to the last occupied one)", lambda r, d: f"{d['rows_per_step']:.1f}"),
+            ("preemptions", lambda r, d: "none (no such thing)" if d["preemptions"] is None else f"{d['preemptions']}"),
             ("KV positions read per generated token", lambda r, d: f"{d['kv_read_per_token']:.1f}"),
             ("  live positions per generated token", lambda r, d: f"{d['kv_live_per_token']:.1f}"),
             ("  read / live", lambda r, d: f"{d['kv_read_per_token'] / d['kv_live_per_token']:.2f}x"),

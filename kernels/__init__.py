@@ -65,7 +65,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
     """Decode attention of one query token per sequence over its live positions in a paged KV pool
-    (kernels/paged_attention.py): q [B, H, D], pools [blocks, Hkv, BS, D] -> [B, H, D]."""
+    (kernels/paged_attention.py): q [B, H, D], pools [blocks, BS, Hkv, D] -> [B, H, D]."""
     impl = _triton("paged_attention") if backend(q.device) == "triton" else reference
     return impl.paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len)
 

@@ -3,7 +3,7 @@ to that sequence's live keys only, wherever its blocks lie in the pool (the samp
 
 Layout (one layer):
     q            [B, H, D]                 the new token's queries (H = Hkv x rep query heads)
-    k_pool       [blocks, Hkv, BS, D]      keys in fixed-size blocks of BS positions; v_pool alike
+    k_pool       [blocks, BS, Hkv, D]      keys in fixed-size blocks of BS positions; v_pool alike
     block_table  [B, max_blocks] int32     the pool block of each sequence's i-th BS positions
     seq_lens     [B] int32                 live positions of each sequence (the new token included)
     -> out       [B, H, D]                 softmax(q k^T / sqrt(D)) v over positions < seq_lens[b]
@@ -116,7 +116,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     """See the module docstring. `max_len` bounds seq_lens (a host-side number, so that the split
     count needs no device sync); `splits` overrides split_count."""
     B, H, D = q.shape
-    _, Hkv, BS, _ = k_pool.shape
+    _, BS, Hkv, _ = k_pool.shape
     rep = H // Hkv
     assert q.stride(2) == 1 and k_pool.is_contiguous() and v_pool.is_contiguous() and block_table.stride(1) == 1
     assert BS >= 16 and BS & (BS - 1) == 0, "blocks of 16, 32, ... positions: tl.dot's smallest tile is 16"
@@ -132,7 +132,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         return out
     _paged_decode_kernel[(B, Hkv, splits)](
         q, k_pool, v_pool, block_table, seq_lens, acc, ml,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_table.stride(0),
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(2), k_pool.stride(1), block_table.stride(0),
         blocks_per_split, D ** -0.5,
         REP=rep, REP_PAD=max(triton.next_power_of_2(rep), 16), D=D, D_PAD=max(triton.next_power_of_2(D), 16),
         BS=BS, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)

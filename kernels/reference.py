@@ -8,7 +8,7 @@ the implementation used wherever Triton is not (CPUs, by default).
 - `group_advantages(rewards [n * G], group_size, eps)`: (r - mean_g) / (std_g + eps) per group of G,
   with the *sample* standard deviation (divisor G - 1), as GRPO's reference code (verl) uses; a group
   whose rewards are all equal (zero variance, including G = 1) gets advantage 0.
-- `paged_decode_attention(q [B, H, D], k_pool [blocks, Hkv, BS, D], v_pool, block_table [B, max_blocks],
+- `paged_decode_attention(q [B, H, D], k_pool [blocks, BS, Hkv, D], v_pool, block_table [B, max_blocks],
   seq_lens [B], max_len)`: one query token per sequence attending to its first seq_lens[b] positions,
   stored block by block where block_table says (see paged_attention.py); gathers the blocks.
 - `philox(seed, c0, c1, c2, c3)`: Philox4x32-10 on uint32 counters held in int64 tensors, the
@@ -18,6 +18,7 @@ the implementation used wherever Triton is not (CPUs, by default).
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -45,18 +46,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
-    B, H, D = q.shape
-    _, Hkv, BS, _ = k_pool.shape
+    B, _, D = q.shape
+    _, BS, Hkv, _ = k_pool.shape
     blocks = block_table[:, :-(-max(max_len, 1) // BS)].long()  # [B, nb]: enough for the longest sequence
-    k = k_pool[blocks].permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)  # [B, Hkv, nb * BS, D]
-    v = v_pool[blocks].permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)
     dtype = torch.promote_types(q.dtype, torch.float32)
-    folded = q.reshape(B, Hkv, H // Hkv, D).to(dtype)  # query head h = kv * rep + r
-    scores = folded @ k.to(dtype).transpose(-1, -2) * D ** -0.5  # [B, Hkv, rep, nb * BS]
+    # one copy of the blocks (index_select: several times faster than advanced indexing on a CPU), then views
+    k = k_pool.flatten(1).index_select(0, blocks.flatten()).view(B, -1, Hkv, D).transpose(1, 2).to(dtype)
+    v = v_pool.flatten(1).index_select(0, blocks.flatten()).view(B, -1, Hkv, D).transpose(1, 2).to(dtype)
     live = torch.arange(k.shape[2], device=q.device) < seq_lens[:, None].long()  # [B, nb * BS]
-    scores = scores.masked_fill(~live[:, None, None], -torch.inf)
-    out = torch.softmax(scores, dim=-1) @ v.to(dtype)  # [B, Hkv, rep, D]
-    return out.reshape(B, H, D).to(q.dtype)
+    out = F.scaled_dot_product_attention(q[:, :, None].to(dtype), k, v, attn_mask=live[:, None, None],
+                                         enable_gqa=True)  # [B, H, 1, D]
+    return out[:, :, 0].to(q.dtype)
 
 
 _M32 = 0xFFFFFFFF

@@ -17,7 +17,8 @@ def test_gpu_check_runs_on_a_cpu_and_passes_its_judged_checks(tmp_path):
     table = result.stdout[result.stdout.index("\ncheck "):]
     for check in ["copy bandwidth", "logits kernel float32: log-prob error", "linear kernel float32: relative gradient",
                   "logits kernel fwd+bwd, of bandwidth floor", "sampler vs transformers", "train step time",
-                  "of which logprobs + backward", "paged decode attention float32: error"]:
+                  "of which logprobs + backward", "paged decode attention float32: error",
+                  "sampler graph shapes vs eager"]:
         assert check in table
     assert "0 of 7 judged checks failed" in table
     assert log.read_text().endswith(result.stdout[-200:])  # the log holds what was printed

@@ -259,8 +259,8 @@ def paged_case(lengths, heads, kv_heads, head_dim, seed=0, shared_first_block=Fa
         keys[1][:, :BS], values[1][:, :BS] = keys[0][:, :BS], values[0][:, :BS]
     need = [-(-n // BS) for n in lengths]
     order = torch.randperm(sum(need) + 3, generator=g).tolist()
-    k_pool = 100 * torch.randn(len(order), kv_heads, BS, head_dim, generator=g, dtype=torch.float64)
-    v_pool = 100 * torch.randn(len(order), kv_heads, BS, head_dim, generator=g, dtype=torch.float64)
+    k_pool = 100 * torch.randn(len(order), BS, kv_heads, head_dim, generator=g, dtype=torch.float64)
+    v_pool = 100 * torch.randn(len(order), BS, kv_heads, head_dim, generator=g, dtype=torch.float64)
     table = torch.full((len(lengths), max(need) + 2), len(order) - 1, dtype=torch.int32)  # unused entries
     for b, n in enumerate(lengths):
         for i in range(need[b]):
@@ -269,8 +269,8 @@ def paged_case(lengths, heads, kv_heads, head_dim, seed=0, shared_first_block=Fa
                 block = int(table[0, 0])
             table[b, i] = block
             live = min(BS, n - i * BS)
-            k_pool[block, :, :live] = keys[b][:, i * BS:i * BS + live]
-            v_pool[block, :, :live] = values[b][:, i * BS:i * BS + live]
+            k_pool[block, :live] = keys[b][:, i * BS:i * BS + live].transpose(0, 1)
+            v_pool[block, :live] = values[b][:, i * BS:i * BS + live].transpose(0, 1)
     q = torch.randn(len(lengths), heads, head_dim, generator=g, dtype=torch.float64)
     return q, k_pool, v_pool, table, keys, values
 

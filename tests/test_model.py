@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_HF_CONFIGS
-from model import PRESETS, KVCache, Qwen3, greedy_decode
+from model import PRESETS, Qwen3, greedy_decode
 
 
 def hf_logits(hf, ids):
@@ -146,56 +146,13 @@ def test_greedy_decoding_matches_transformers_generate(hf_checkpoint):
         assert tokens == ref[0, len(prompt):].tolist()
 
 
-# ---------------------------------------------------------------------------------------------------
-# The cached forward
+def test_cached_forward_requires_its_addressing(hf_checkpoint):
+    from model import PagedKVCache
 
-
-def test_kv_cache_decoding_equals_full_forward_for_rows_of_different_lengths(hf_checkpoint):
-    _, path = hf_checkpoint("untied-gqa2-wide-heads")
-    model = Qwen3.from_pretrained(path).eval()
-    V, g = model.config.vocab_size, torch.Generator().manual_seed(2)
-    lengths, steps = [3, 11, 7], 9
-    seqs = [torch.randint(0, V, (n + steps,), generator=g) for n in lengths]
-    cache = KVCache(model.config, batch=3, max_len=32)
-    prompt = torch.zeros(3, max(lengths), dtype=torch.long)  # right-padded with token 0
-    for b, n in enumerate(lengths):
-        prompt[b, :n] = seqs[b][:n]
-    cached = [[] for _ in lengths]
-    with torch.no_grad():
-        logits = model(prompt, cache=cache, start=0)
-        for b, n in enumerate(lengths):
-            cached[b].append(logits[b, :n])
-        length = torch.tensor(lengths)
-        for _ in range(steps):  # teacher-forced: feed each row's next token one at a time
-            token = torch.stack([seqs[b][length[b]] for b in range(3)])[:, None]
-            logits = model(token, cache=cache, start=length)
-            for b in range(3):
-                cached[b].append(logits[b])
-            length = length + 1
-        for b, seq in enumerate(seqs):
-            full = model(seq[None, :-1])[0]  # the last token's logits were never computed by the cache
-            assert (torch.cat(cached[b])[:-1] - full[:len(seq) - 1]).abs().max() <= 1e-4
-
-
-def test_kv_cache_prefix_copy_selected_rows_and_bounded_window_agree_with_full_forward(hf_checkpoint):
-    _, path = hf_checkpoint("tied-gqa4-bias")
-    model = Qwen3.from_pretrained(path).eval()
-    prompt, cont = torch.tensor([[4, 8, 15, 16, 23]]), torch.tensor([[42], [7], [96], [0]])
-    cache = KVCache(model.config, batch=6, max_len=64)
-    with torch.no_grad():
-        model(prompt, cache=cache, start=0, rows=[5])  # prefill once, into row 5
-        for row in range(4):  # share it with four samples
-            cache.copy_prefix(5, row, prompt.shape[1])
-        out = model(cont, cache=cache, start=5, rows=[0, 1, 2, 3], kv_len=8)
-        ref = model(torch.cat([prompt.expand(4, -1), cont], dim=1))[:, -1:]
-    assert (out - ref).abs().max() <= 1e-4
-
-
-def test_cached_forward_requires_start(hf_checkpoint):
     _, path = hf_checkpoint()
     model = Qwen3.from_pretrained(path)
-    with pytest.raises(ValueError, match="start"):
-        model(torch.tensor([[1, 2]]), cache=KVCache(model.config, 1, 8))
+    with pytest.raises(ValueError, match="start`, `block_table` and `kv_len"):
+        model(torch.tensor([[1, 2]]), cache=PagedKVCache(model.config, 2), start=0)
 
 
 # ---------------------------------------------------------------------------------------------------

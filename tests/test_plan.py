@@ -25,13 +25,16 @@ def test_8b_plan_matches_hand_computation():
     assert plan["adam_state"] == 8_190_735_360  # 8 bytes x P / 8
     assert plan["gradients"] == 4_095_367_680
     assert plan["rollout_copies"] == 16_381_470_720  # 2 bytes x P, the full bf16 copy
-    assert plan["kv_per_slot"] == 2 * 36 * 8 * 128 * (2048 + 8192) * 2 == 1_509_949_440  # 1.41 GiB
-    # 60% of what the shards and the rollout copy leave of 80 GiB: 0.6 x 57,231,772,160 / 1,509,949,440 = 22.7
-    assert plan["slots"] == 22 and plan["kv_pool"] == 22 * 1_509_949_440
+    assert plan["kv_bytes_per_position"] == 2 * 36 * 8 * 128 * 2 == 147_456  # 144 KiB
+    # 60% of what the shards and the rollout copy leave of 80 GiB, in whole 16-position blocks:
+    # 0.6 x 57,231,772,160 / (16 x 147,456) = 14,554.8 blocks
+    assert plan["kv_tokens"] == 14_554 * 16 == 232_864 and plan["kv_pool"] == 232_864 * 147_456
     assert plan["sequences_per_gpu"] == 128 * (16 + 16) // 8 == 512
+    # 256-token prompts, responses of 0.375 x 8192 = 3072 held half on average: 232,864 / 1,792 = 129.9
+    assert plan["expected_concurrency"] == pytest.approx(232_864 / (256 + 3072 / 2))
     assert plan["micro_batch_tokens"] == 16384
     assert plan["peak_rollout"] == pytest.approx((4_095_367_680 + 8_190_735_360 + 16_381_470_720
-                                                  + 22 * 1_509_949_440))
+                                                  + 232_864 * 147_456))
     # with activation checkpointing (the config's setting) the update fits; without it, it does not
     assert plan["activations"] == plan["activations_checkpointed"] < 10 * GIB < 100 * GIB < plan["activations_full"]
     assert plan["fits"]
@@ -75,7 +78,7 @@ def test_activation_estimate_matches_what_autograd_saves(dtype):
 def test_plan_command_prints_the_table(capsys):
     main([str(CONFIGS / "qwen3_8b.yaml"), "--plan"])
     out = capsys.readouterr().out
-    assert "8,190,735,360 parameters, 8 GPUs of 80 GiB" in out and "22 slots" in out and "fits: yes" in out
+    assert "8,190,735,360 parameters, 8 GPUs of 80 GiB" in out and "232,864 positions" in out and "fits: yes" in out
     main([str(CONFIGS / "qwen3_8b.yaml"), "--plan", "--gpus", "2", "--gpu-memory", "40"])
     assert "fits: NO" in capsys.readouterr().out
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import PRESETS, Qwen3
-from rollout import SamplingParams, generate, sample
+from rollout import SamplingParams, _DecodeGraphs, generate, sample
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 8, 31], [70], [4, 4, 90, 12]]
 
@@ -130,7 +130,8 @@ def test_sampled_frequencies_match_the_model_probabilities(temperature, top_k, t
 
 def test_sample_keeps_at_least_the_most_likely_token_under_a_tiny_top_p():
     logits = torch.tensor([[0.0, 3.0, 1.0]])
-    tokens, logprobs = sample(logits, SamplingParams(top_p=1e-6), torch.Generator().manual_seed(0))
+    zero = torch.zeros(1, dtype=torch.long)
+    tokens, logprobs = sample(logits, SamplingParams(top_p=1e-6), 0, zero, zero, zero)
     assert tokens.tolist() == [1] and logprobs.tolist() == [0.0]
 
 
@@ -216,27 +217,87 @@ def test_per_prompt_sample_counts(pair):
 
 
 def test_no_decode_step_is_wasted_once_every_sequence_must_be_done(pair):
-    import rollout
-
     _, model = pair
-    calls = []
-
-    def counting_step(*args):
-        calls.append(1)
-        return rollout.decode(*args)
-
-    generate(model, PROMPTS, SamplingParams(n=2, max_new_tokens=2), sync_every=16, decode_step=counting_step)
-    assert len(calls) == 2
+    stats = {}
+    generate(model, PROMPTS, SamplingParams(n=2, max_new_tokens=2), sync_every=16, stats=stats)
+    assert stats["decode_steps"] == 2
 
 
 def test_engine_counters_count_steps_sequences_and_positions(pair):
     """rollout.EngineStats, which bench/sampler.py turns into decode bounds, against a hand count: one
-    3-token prompt, 2 samples in 2 slots, 4 tokens each (no stop token). Before step t (t = 0..3) each
-    sequence holds 3 + t positions; each step attends, per row, to the whole 7-position cache (the CPU
-    rounding to 16 positions, capped at the cache's 3 + 4)."""
+    3-token prompt, 2 samples, 4 tokens each (no stop token). The prompt's first 2 tokens are
+    prefilled; decode step t (t = 0..3) of a sample writes position 2 + t and reads positions 0..2 + t.
+    In 2 lanes both samples decode together; in 1 lane, one after the other (the second queued for 4 steps)."""
     _, model = pair
-    stats = {}
-    out = generate(model, [[4, 8, 15]], SamplingParams(n=2, max_new_tokens=4), seed=0, slots=2, stats=stats)
-    assert all(len(r.token_ids) == 4 for r in out[0])
-    assert stats == {"rows": 2, "decode_steps": 4, "live_sequences": 2 * 4, "peak_live_sequences": 2,
-                     "kv_positions_read": 4 * 2 * 7, "kv_positions_live": 2 * (3 + 4 + 5 + 6), "generated_tokens": 8}
+    read = 2 * (3 + 4 + 5 + 6)
+    for lanes, steps in [(2, 4), (1, 8)]:
+        stats = {}
+        out = generate(model, [[4, 8, 15]], SamplingParams(n=2, max_new_tokens=4), seed=0, slots=lanes, stats=stats)
+        assert all(len(r.token_ids) == 4 for r in out[0])
+        queued = 4 if lanes == 1 else 0
+        assert stats == {"decode_steps": steps, "rows_decoded": 8, "live_sequences": 8, "peak_live_sequences": lanes,
+                         "kv_positions_read": read, "kv_positions_live": read, "generated_tokens": 8,
+                         "preemptions": 0, "queued_steps": queued, "queued_live_sequences": queued}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paged pool: independence of lanes, pool size and preemption
+
+
+@pytest.fixture(scope="module")
+def float64_model():
+    """A tiny random model in float64, so that a different batch composition cannot move a logit far
+    enough to change a sampled token: what is left to differ is the sampler's own logic."""
+    torch.manual_seed(3)
+    return Qwen3(replace(PRESETS["tiny"], vocab_size=64), dtype=torch.float64).eval()
+
+
+def test_sampled_tokens_do_not_depend_on_lanes_pool_size_or_preemption(float64_model):
+    prompts = [[1, 2, 3] * 7, [5, 9], list(range(10, 27)), [7]]  # 21 tokens (a shared full block), 2, 17, 1
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=40, stop_token_ids=(0, 1, 2))  # lengths vary
+    runs = {}
+    for name, kwargs in {"1 lane": dict(slots=1), "3 lanes": dict(slots=3), "64 lanes": dict(slots=64),
+                         "small pool": dict(slots=12, kv_tokens=7 * 16),
+                         # CUDA graphs' fixed shapes (batch-size buckets, full-width kv_len), run eagerly
+                         "graph shapes": dict(slots=5, graphs=True, sync_every=16),
+                         "graph shapes, small pool": dict(slots=12, kv_tokens=7 * 16, graphs=True, sync_every=4),
+                         }.items():
+        stats = {}
+        out = generate(float64_model, prompts, params, seed=11, stats=stats, **kwargs)
+        runs[name] = ([[r.token_ids for r in rs] for rs in out], [[r.logprobs for r in rs] for rs in out], stats)
+    reference = runs["64 lanes"]
+    for name, (tokens, logprobs, _) in runs.items():
+        assert tokens == reference[0], name
+        assert max(abs(a - b) for x, y in zip(logprobs, reference[1]) for u, v in zip(x, y)
+                   for a, b in zip(u, v)) <= 1e-6, name
+    assert runs["small pool"][2]["preemptions"] > 0  # the pool really ran out
+    assert runs["graph shapes, small pool"][2]["preemptions"] > 0
+    assert len({len(t) for ts in reference[0] for t in ts}) > 3  # sequences finish at different steps...
+    for name in ("3 lanes", "small pool"):  # ...and the lanes they free are filled from above (compact)
+        assert runs[name][2]["rows_decoded"] == runs[name][2]["live_sequences"], name
+    assert runs["64 lanes"][2]["preemptions"] == 0
+    assert runs["1 lane"][2]["peak_live_sequences"] == 1
+
+
+def test_decode_graphs_run_the_smallest_batch_size_that_covers_the_lanes():
+    calls = []
+    graphs = _DecodeGraphs(lambda rows, kv_len: calls.append((rows, kv_len)), lanes=40, kv_len=96, capture=False)
+    assert [graphs.run(r) for r in (1, 3, 4, 5, 33, 40)] == [1, 4, 4, 8, 40, 40]
+    assert calls == [(1, 96), (4, 96), (4, 96), (8, 96), (40, 96), (40, 96)]  # kv_len: always the table's width
+
+
+def test_a_sequence_samples_its_own_stream(float64_model):
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12)
+    alone = generate(float64_model, [[4, 5, 6]], params, seed=2, streams=[7])
+    together = generate(float64_model, [[9, 9], [4, 5, 6]], params, seed=2, streams=[3, 7])
+    assert [r.token_ids for r in together[1]] == [r.token_ids for r in alone[0]]
+    other = generate(float64_model, [[4, 5, 6]], params, seed=2, streams=[8])
+    assert [r.token_ids for r in other[0]] != [r.token_ids for r in alone[0]]
+
+
+def test_a_pool_too_small_for_one_sequence_is_refused_with_the_memory_it_needs(pair):
+    _, model = pair
+    # 19 prefilled positions + a 30-token budget = 49 positions: 4 blocks, and the prompt's partial
+    # block alongside the sample's copy of it
+    with pytest.raises(ValueError, match=r"the KV pool holds 2 blocks of 16 positions .* 49 positions\) needs 5"):
+        generate(model, [[1] * 20], SamplingParams(max_new_tokens=30), kv_tokens=32)

@@ -106,13 +106,15 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(assets
 
 
 @pytest.mark.parametrize("mini_batches", [1, 3])
-def test_two_processes_make_the_same_update_as_one(assets, tmp_path, mini_batches):
-    # Greedy rollouts are the same however the prompts are split, so both runs see one global batch;
-    # with several mini-batches, each rollout must land in the same one on 1 and on 2 processes.
-    settings = ["algorithm=masa", "train.total_steps=1", "rollout.temperature=0", f"train.mini_batches={mini_batches}"]
+def test_two_processes_sample_and_update_what_one_process_does(assets, tmp_path, mini_batches):
+    # Sampled rollouts (temperature 1): each sequence's noise comes from its global prompt index
+    # (rollout.generate's streams), so 2 ranks draw exactly the tokens 1 rank draws and both runs see
+    # one global batch; with several mini-batches, each rollout must land in the same one.
+    settings = ["algorithm=masa", "train.total_steps=1", "rollout.temperature=1.0", f"train.mini_batches={mini_batches}"]
     one = run(assets, tmp_path / "one", *settings)
     two = run(assets, tmp_path / "two", *settings, nproc=2)
-    assert one[0]["solution_rollouts"] == two[0]["solution_rollouts"]
+    for key in ("solution_rollouts", "solution_tokens", "meta_tokens", "accuracy", "meta_parse_failures"):
+        assert one[0][key] == two[0][key], key
     a = Qwen3.from_pretrained(tmp_path / "one" / "step_000001" / "model")
     b = Qwen3.from_pretrained(tmp_path / "two" / "step_000001" / "model")
     start = Qwen3.from_pretrained(assets / "model")
