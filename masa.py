@@ -291,14 +291,16 @@ def score_meta(prompts: list[Prompt], solutions: list[Episode], meta: list[Episo
             e.meta_parts = parts
 
 
-def assign_advantages(solutions: list[Episode], meta: list[Episode], group_size: int, meta_group_size: int):
+def assign_advantages(solutions: list[Episode], meta: list[Episode], group_size: int, meta_group_size: int,
+                      device: torch.device | str = "cpu"):
     """Group-normalized advantages (step 3 of DESIGN.md §1): the G solution rollouts of a prompt form
-    one group, the M meta rollouts of a prompt another. Episodes come grouped by prompt, as sampled."""
+    one group, the M meta rollouts of a prompt another. Episodes come grouped by prompt, as sampled.
+    Computed on `device` (the trainer's: on CUDA, the Triton kernel)."""
     for episodes, size in ((solutions, group_size), ([e for e in meta if e.in_loss], meta_group_size)):
         assert len(episodes) % size == 0 and all(
             len({e.prompt_index for e in episodes[i:i + size]}) == 1 for i in range(0, len(episodes), size))
         if episodes:
-            advantages = group_advantages(torch.tensor([e.reward for e in episodes]), size)
+            advantages = group_advantages(torch.tensor([e.reward for e in episodes], device=device), size)
             for e, a in zip(episodes, advantages.tolist()):
                 e.advantage = a
 

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
+import kernels
 import masa
 from config import Config, load_config
 from data import (WarmStartExamples, load_problems, meta_prompt_ids, solution_prompt_ids, stop_token_ids,
@@ -113,7 +114,7 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     seconds = {"time_rollout": sampled - started, "time_grading": time.perf_counter() - sampled}
     masa.score_solutions(solutions)
     masa.score_meta(prompts, solutions, meta, G, cfg.meta.pass_rate_base)
-    masa.assign_advantages(solutions, meta, G, M)
+    masa.assign_advantages(solutions, meta, G, M, env.device)
     experts = []
     if cfg.algorithm == "masa_efficient" and cfg.efficient.behaviour_cloning:
         for prompt, target in masa.expert_targets(prompts, solutions, meta, cfg.efficient.bc_threshold):
@@ -569,6 +570,7 @@ def train(cfg: Config):
         if log:
             log.close()
     if env.main:
+        print(f"kernel calls on rank 0: {kernels.usage_report()}")
         print(run_summary(log.file))
         png = plot_training(log.file, Path(cfg.checkpoint.dir) / "curves.png")
         if png:

@@ -264,7 +264,13 @@ def training_steps(args, torch, gpu: bool) -> list[tuple]:
     split = {k: statistics.mean(r[k] for r in timed) for k in
              ("time_step", "time_rollout", "time_grading", "time_logprobs_backward", "time_optimizer", "time_refresh")}
     print("mean over steps 2..: " + ", ".join(f"{k[5:]} {v:.2f} s" for k, v in split.items()))
-    rows = [("train step time (s)", f"{split['time_step']:.2f}", "", None)]
+    report = next((line for line in result.stdout.splitlines() if line.startswith("kernel calls on rank 0: ")), "")
+    calls = dict(item.split(": ") for item in report.removeprefix("kernel calls on rank 0: ").split(", ") if ": " in item)
+    on_triton = [name for name, impl in calls.items() if impl.startswith("triton")]
+    print(f"kernel implementations in the training run: {', '.join(f'{k} {v}' for k, v in calls.items())}")
+    rows = [("training run: kernels that ran on Triton", f"{len(on_triton)} of {len(calls)}", "all",
+             bool(calls) and len(on_triton) == len(calls))]
+    rows.append(("train step time (s)", f"{split['time_step']:.2f}", "", None))
     rows += [(f"  of which {k[5:].replace('_', ' + ')} (s)", f"{split[k]:.2f}", "", None) for k in list(split)[1:]]
     if gpu:
         cfg = load_config(cfg_file, overrides)

@@ -6,31 +6,49 @@
     paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len) -> out
     sample_tokens(logits, temperature, seed, streams, samples, positions, top_k=-1, top_p=1.0) -> (tokens, logprobs)
 
-`MASA_KERNELS` picks the implementation, read at every call: `triton`, `torch`, or `auto` (the
-default: Triton for CUDA tensors, PyTorch otherwise). With TRITON_INTERPRET=1 set before the first
-import of triton, the Triton path runs on a CPU (float32 only: the interpreter gets bf16 wrong).
+The implementation is decided at every call from the tensors' device and `MASA_KERNELS` (`auto`, the
+default, `triton` or `torch`):
+- CUDA tensors: Triton, unless MASA_KERNELS=torch.
+- CPU tensors: the PyTorch twin, unless MASA_KERNELS=triton and TRITON_INTERPRET=1 (set before triton
+  is first imported), which runs the Triton kernels in the interpreter (float32 only: it gets bf16
+  wrong). So a CPU-side computation never fails for want of a GPU, whatever MASA_KERNELS says: a GPU
+  run with MASA_KERNELS=triton (bench/gpu_check.py sets it) still computes its CPU-side pieces.
+`usage` counts the calls per (kernel, implementation); `usage_report()` formats it (train.py prints
+it at the end of a run, and bench/gpu_check.py checks which implementation the training step used).
 """
 
 import os
+from collections import Counter
 
 import torch
 
 from kernels import reference
 
 _CHOICES = ("auto", "triton", "torch")
+usage: Counter = Counter()  # (kernel, "triton" | "torch") -> calls in this process
 
 
 def backend(device: torch.device) -> str:
-    """'triton' or 'torch' for tensors on `device`, as MASA_KERNELS asks."""
+    """'triton' or 'torch' for tensors on `device` (the rule in the module docstring)."""
     choice = os.environ.get("MASA_KERNELS", "auto")
     if choice not in _CHOICES:
         raise ValueError(f"MASA_KERNELS={choice!r}; use one of {', '.join(_CHOICES)}")
-    if choice == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("MASA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
-                         "first imported (or use MASA_KERNELS=torch)")
-    return choice
+    if choice == "torch":
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    return "triton" if choice == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+
+
+def usage_report() -> str:
+    """'kernel: implementation x calls, ...' for every kernel called in this process."""
+    return ", ".join(f"{name}: {impl} x {n}" for (name, impl), n in sorted(usage.items())) or "none called"
+
+
+def _pick(name: str, device: torch.device, module: str, triton_ok: bool = True):
+    impl = "triton" if backend(device) == "triton" and triton_ok else "torch"
+    usage[name, impl] += 1
+    return _triton(module) if impl == "triton" else reference
 
 
 def _triton(module: str):
@@ -43,14 +61,13 @@ def _triton(module: str):
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """log p(target) and the entropy of softmax(logits / temperature), float32, shaped like targets."""
-    impl = _triton("logprobs") if backend(logits.device) == "triton" else reference
-    return impl.token_logprobs(logits, targets, temperature)
+    return _pick("token_logprobs", logits.device, "logprobs").token_logprobs(logits, targets, temperature)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           temperature: float = 1.0):
     """As token_logprobs, for logits = hidden @ weight.T, without materializing all of them at once."""
-    impl = _triton("logprobs") if backend(hidden.device) == "triton" else reference
+    impl = _pick("linear_token_logprobs", hidden.device, "logprobs")
     return impl.linear_token_logprobs(hidden, weight, targets, temperature)
 
 
@@ -58,15 +75,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     """(r - mean) / (std + eps) within consecutive groups of `group_size` (sample std; see reference.py)."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    impl = _triton("advantage") if backend(rewards.device) == "triton" else reference
-    return impl.group_advantages(rewards, group_size, eps)
+    return _pick("group_advantages", rewards.device, "advantage").group_advantages(rewards, group_size, eps)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
     """Decode attention of one query token per sequence over its live positions in a paged KV pool
     (kernels/paged_attention.py): q [B, H, D], pools [blocks, BS, Hkv, D] -> [B, H, D]."""
-    impl = _triton("paged_attention") if backend(q.device) == "triton" else reference
+    impl = _pick("paged_decode_attention", q.device, "paged_attention")
     return impl.paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len)
 
 
@@ -75,6 +91,5 @@ def sample_tokens(logits: torch.Tensor, temperature: float, seed: int, streams: 
     """One token per row of logits [B, V] from per-sequence counter-based noise (kernels/sampling.py):
     the draw depends only on (seed, stream, sample, position), never on the batch. The Triton kernel
     has no top-k / top-p; with either, the PyTorch twin samples from the same uniforms."""
-    triton_ok = backend(logits.device) == "triton" and top_k == -1 and top_p >= 1
-    impl = _triton("sampling") if triton_ok else reference
+    impl = _pick("sample_tokens", logits.device, "sampling", triton_ok=top_k == -1 and top_p >= 1)
     return impl.sample_tokens(logits, temperature, seed, streams, samples, positions, top_k, top_p)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels
+import masa
 from kernels import reference
 
 logprobs = pytest.importorskip("kernels.logprobs", reason="triton is not installed")
@@ -191,6 +192,20 @@ def test_dispatch_follows_masa_kernels(monkeypatch):
     monkeypatch.setenv("MASA_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MASA_KERNELS='cuda'"):
         kernels.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))
+
+
+def test_cpu_tensors_never_need_a_gpu_whatever_masa_kernels_says(monkeypatch):
+    """What bench/gpu_check.py gives train.py on a GPU machine: MASA_KERNELS=triton, no interpreter.
+    CUDA tensors go to Triton; the CPU-side pieces (e.g. the group advantages of CPU rewards) to the twin."""
+    monkeypatch.setenv("MASA_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert kernels.backend(torch.device("cuda")) == "triton" and kernels.backend(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(kernels, "usage", type(kernels.usage)())
+    x = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    assert np.allclose(masa.group_advantages(x, 4).numpy(), formula(x.numpy(), 4), atol=1e-6)
+    assert kernels.usage_report() == "group_advantages: torch x 1"
+    monkeypatch.setenv("MASA_KERNELS", "torch")
+    assert kernels.backend(torch.device("cuda")) == "torch"
 
 
 def test_uneven_groups_are_refused():

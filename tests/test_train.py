@@ -53,6 +53,21 @@ def without_timing(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("time_")}
 
 
+def test_a_step_runs_in_the_kernel_environment_gpu_check_gives_train_py(assets, tmp_path):
+    # bench/gpu_check.py sets MASA_KERNELS=triton for train.py; on a GPU there is no interpreter. The
+    # CPU-side pieces must still run (on the twins), and the run says which implementation each used.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(MASA_KERNELS="triton", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), str(CONFIG), f"model.path={assets / 'model'}",
+                          f"data.train_path={assets / 'problems.jsonl'}", f"checkpoint.dir={tmp_path / 'run'}",
+                          "train.total_steps=1"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = next(line for line in out.stdout.splitlines() if line.startswith("kernel calls on rank 0: "))
+    calls = dict(item.split(": ") for item in report.removeprefix("kernel calls on rank 0: ").split(", "))
+    assert {"group_advantages", "linear_token_logprobs", "paged_decode_attention", "sample_tokens"} <= set(calls)
+    assert all(impl.startswith("torch x ") for impl in calls.values())  # CPU tensors: the twins
+
+
 def test_a_kl_term_to_the_initial_policy_is_logged(assets, tmp_path):
     records = run(assets, tmp_path / "run", "algorithm=grpo", "loss.kl_coef=0.1", "train.total_steps=2")
     assert records[0]["kl"] == 0.0  # the policy is still the reference
