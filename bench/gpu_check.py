@@ -17,6 +17,26 @@ In order:
    metrics.jsonl and the peak memory against `train.py --plan`'s prediction for the same run. A
    random model's rewards are all 0, so every advantage is 0 and the update would skip every
    response: a small entropy bonus keeps them all in the loss, the update's worst case.
+5. the CUDA-only branches that no row above reaches: checkpoint RNG state with the CUDA generators,
+   the device-side check of log-prob targets (in a process of its own), eval.py end to end.
+
+Every branch of the code that runs only on CUDA, and the row that runs it ("CPU:" says what of it a
+CPU test runs):
+| branch | where | row | CPU |
+|---|---|---|---|
+| Triton kernels, compiled (not interpreted) | kernels/*.py | 2, 3, 4 ("kernels that ran on Triton") | interpreter (tests, --cpu); kernels/aot.py compiles every kernel for sm_90a / sm_80 |
+| `torch.mm(..., out_dtype=float32)` of the chunked log-probs | kernels/logprobs.py `_mm_float` | 2 (linear kernel bf16), 4 | the float32 `@` branch |
+| `torch._assert_async` target check | kernels/logprobs.py `_check_targets` | 5 (out-of-range target) | the host check and its IndexError |
+| block sizes BLOCK_V for CUDA | kernels/logprobs.py, sampling.py | 2, 3, 4 | AOT compile at those sizes |
+| split count from the multiprocessor count | kernels/paged_attention.py | 2 (paged decode attention) | split_count unit test |
+| bf16 parameters, FSDP2 MixedPrecisionPolicy | parallel.build_policy | 4 | tests/test_train.py (bf16 policy on fp32 masters) |
+| NCCL process group, 2-hour timeout, cuda:LOCAL_RANK | parallel.setup_distributed | 4 (one rank) | gloo, 1 and 2 processes |
+| KV pool sized from `torch.cuda.mem_get_info` | rollout.py `_Engine` | 3 (sampler), 4 | kv_tokens_that_fit in tests/test_plan.py |
+| CUDA-graph decode, sync every 16 steps | rollout.py `_DecodeGraphs` | 3 ("CUDA graphs vs eager"), 4, 5 (eval.py) | the graphs' fixed shapes run eagerly (tests/test_rollout.py) |
+| peak memory in metrics.jsonl | train.py | 4 (peak vs plan) | none (CUDA allocator only) |
+| CUDA RNG state in checkpoints | checkpoints.rng_state | 5 | the CPU generators |
+| eval.py: NCCL, cuda device, bf16 weights | eval.py main | 5 | float32, one process and two (tests/test_eval.py) |
+
 Performance goals are the issues' (kernels: >= 80% of the bandwidth floor, <= 1/8 of eager memory at
 <= 1.15x its time; sampler: >= 3x transformers, >= 60% of the decode floor); on a CPU they are
 reported, not judged. The accuracy bars: log-probs within 1e-3 (bf16) / 1e-4 (fp32) of float64,
@@ -141,6 +161,63 @@ def run(args, torch) -> list[tuple]:
 
     # 4. training steps on real shapes --------------------------------------------------------------
     rows += training_steps(args, torch, gpu)
+
+    # 5. the CUDA-only branches no other row reaches (the inventory in the module docstring) --------
+    print("\n== CUDA-only paths")
+    rows += cuda_paths(torch, gpu)
+    return rows
+
+
+def cuda_paths(torch, gpu: bool) -> list[tuple]:
+    """Checkpoint RNG state, the device-side target check, eval.py end to end; on a CPU the same
+    calls on CPU tensors (where the first two take their CPU branches)."""
+    import checkpoints
+    from data import ARITHMETIC_WORDS, build_char_tokenizer
+    from model import PRESETS, Qwen3
+
+    device = "cuda" if gpu else "cpu"
+    rows = []
+    state = checkpoints.rng_state()
+    first = torch.rand(4, device=device)
+    checkpoints.set_rng_state(state)
+    again = torch.rand(4, device=device)
+    saved = "cuda" if gpu else "cpu"
+    print(f"RNG state ({saved} generator included: {state['cuda'] is not None}) restores the same draws: "
+          f"{torch.equal(first, again)}")
+    rows.append((f"checkpoint RNG state restores {saved} draws", str(torch.equal(first, again)), "True",
+                 torch.equal(first, again) and (state["cuda"] is not None) == gpu))
+
+    # a process of its own: a device-side assert leaves the CUDA context unusable
+    code = (f"import torch, kernels\nkernels.token_logprobs(torch.zeros(2, 8, device={device!r}), "
+            f"torch.tensor([1, 9], device={device!r}))\n" + ("torch.cuda.synchronize()\n" if gpu else ""))
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    # on CUDA the message may not survive the assert: the assert itself is the check
+    caught = bad.returncode != 0 and ("[0, 8)" in bad.stderr or (gpu and "device-side assert" in bad.stderr))
+    print(f"an out-of-range log-prob target on {device}: exit {bad.returncode}, "
+          f"{'message found' if caught else 'message missing: ' + bad.stderr[-500:]}")
+    rows.append(("out-of-range log-prob target stops the run", "stopped" if caught else "not stopped", "stopped",
+                 caught))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model"
+        tokenizer = build_char_tokenizer(ckpt, words=ARITHMETIC_WORDS)
+        torch.manual_seed(0)
+        Qwen3(replace(PRESETS["tiny"], vocab_size=len(tokenizer))).save_pretrained(ckpt)
+        problems = Path(tmp) / "four.jsonl"
+        problems.write_text("".join(json.dumps({"problem": f"What is {a}+{a}?", "answer": str(2 * a)}) + "\n"
+                                    for a in range(4)))
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--model", str(ckpt), "--benchmarks",
+                                 str(problems), "--n", "2", "--max-new-tokens", "16", "--meta", "--meta-n", "2",
+                                 "--meta-max-new-tokens", "16", "--out", str(Path(tmp) / "out"), "--no-progress"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=600,
+                                # on a CPU the twins: the interpreted kernels add a minute and no coverage
+                                env=os.environ if gpu else {k: v for k, v in os.environ.items() if k != "MASA_KERNELS"})
+        ok = result.returncode == 0 and (Path(tmp) / "out" / "results.json").is_file()
+        print(f"eval.py on {device} ({'bfloat16, CUDA graphs' if gpu else 'float32'}): exit {result.returncode} "
+              f"in {time.perf_counter() - started:.0f} s" + ("" if ok else "\n" + result.stderr[-2000:]))
+    rows.append(("eval.py end to end" + (" (bf16, CUDA graphs)" if gpu else ""), "ok" if ok else "failed", "ok",
+                 ok))
     return rows
 
 

@@ -196,6 +196,25 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(assets, tmp_path
     assert any(not torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
 
 
+def test_a_bfloat16_policy_computes_in_bf16_on_fp32_master_weights(assets, one_process_group):
+    # model.dtype=bfloat16 is what every GPU config uses (FSDP2's MixedPrecisionPolicy); the CPU demo
+    # and the other tests use float32, so this is the path's only run on a CPU.
+    import parallel
+    from config import load_config
+
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "model.dtype=bfloat16"])
+    policy = parallel.build_policy(cfg, one_process_group)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}  # master weights (and AdamW's state)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = policy(ids)
+    assert logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = Qwen3.from_pretrained(assets / "model", dtype=torch.float32)(ids)
+    assert (logits.float() - reference).abs().max() <= 0.05 * reference.abs().max()  # bf16 rounding, no more
+    logits.float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in policy.parameters())
+
+
 def test_behaviour_cloning_lowers_the_nll_of_the_expert_target(assets, one_process_group):
     import parallel
     import train
