@@ -12,21 +12,35 @@ Layout of checkpoint.dir:
     step_NNNNNN/rank<r>.pt    per rank: the step, the LR scheduler, every RNG, and the trainer's extra
                               state (behaviour-cloning buffer, data position)
     step_NNNNNN/config.yaml   the resolved config
-    latest                    the name of the newest complete checkpoint
+    step_NNNNNN/manifest.json every other file of the checkpoint with its size, and a SHA-256 for
+                              files up to HASH_LIMIT bytes (all but the large weight shards); written last
+    latest                    the name of the newest complete checkpoint (for people and tools)
     metrics.jsonl             one line per step (train.py)
 The step's metrics go to metrics.jsonl through MetricsLog. Each checkpoint is written to
 `.step_NNNNNN.tmp` and renamed when every rank has finished, and `latest` is replaced atomically
 after that: a crash at any point leaves the previous checkpoint as `latest`, complete.
+
+Resume takes the newest step_NNNNNN whose files match its manifest (`resumable`). A damaged newest
+checkpoint (a truncated or missing file, a garbled `latest`) is skipped with a warning that says what
+is wrong, and the one before it is used; if none is intact the run stops and says what to do. A
+checkpoint that has to make way for a new one of the same step is renamed aside
+(step_NNNNNN.set-aside-K), never deleted; rotation (checkpoint.keep) removes only old, intact-named
+step_NNNNNN directories.
 
 Every function here is collective (call it on every rank) unless it says otherwise.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,6 +83,163 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class RunDirectoryError(Exception):
+    """checkpoint.dir cannot be used as it is; the message says why and what to do (train.py prints it
+    without a traceback)."""
+
+
+LOCK = ".lock"
+
+
+def lock(cfg: Config):
+    """Take checkpoint.dir for this run: a lock file holding host, pid and start time, removed at exit.
+    Another live run holding it stops this one at once (RunDirectoryError naming the holder); a lock
+    left by a process that is gone (same host, pid not running) is reported and taken over. Rank 0 only."""
+    root = Path(cfg.checkpoint.dir)
+    if root.exists() and not root.is_dir():
+        raise RunDirectoryError(f"checkpoint.dir={root} is a file, not a directory: choose another checkpoint.dir")
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                host, pid, since = holder["host"], int(holder["pid"]), holder.get("since", "?")
+            except (OSError, ValueError, KeyError, TypeError):
+                host, pid, since = None, None, None
+            if host == me["host"] and not _alive(pid):
+                print(f"warning: {path} was left by process {pid} on {host} (since {since}), which is no longer "
+                      f"running: taking the run directory over", flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            holder = f"process {pid} on {host} (since {since})" if host else "a process whose lock file is unreadable"
+            raise RunDirectoryError(
+                f"checkpoint.dir={root} is in use by {holder}: two runs in one directory would overwrite each "
+                f"other's checkpoints. Choose another checkpoint.dir, or, if that run is gone, delete {path}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    atexit.register(_unlock, path, me["pid"])
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return True  # unknown: assume the holder is running
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlock(path: Path, pid: int):
+    try:
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+MANIFEST = "manifest.json"
+HASH_LIMIT = 64 * 2 ** 20  # files up to this size get a SHA-256 in the manifest; larger ones, their size
+STEP_NAME = re.compile(r"step_\d{6}")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path):
+    """Record every file under `directory` (size, and SHA-256 up to HASH_LIMIT). Rank 0 only."""
+    files = {}
+    for file in sorted(f for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST):
+        size = file.stat().st_size
+        files[file.relative_to(directory).as_posix()] = {"bytes": size, **(
+            {"sha256": _sha256(file)} if size <= HASH_LIMIT else {})}
+    tmp = directory / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def damage(directory: Path) -> str | None:
+    """What is wrong with the checkpoint in `directory`, or None when every file matches its manifest.
+    Local (not collective)."""
+    if not directory.is_dir():
+        return "it does not exist"
+    if not (directory / MANIFEST).is_file():
+        return f"it has no {MANIFEST} (its write never finished)"
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, entry in files.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size:,} bytes where {entry['bytes']:,} were written"
+        if "sha256" in entry and _sha256(file) != entry["sha256"]:
+            return f"{name} does not match the checksum written with it"
+    return None
+
+
+def resumable(cfg: Config, verbose: bool = False) -> Path | None:
+    """The checkpoint to resume from: checkpoint.resume_from if set (it must be intact), else the
+    newest intact step_NNNNNN of checkpoint.dir (damaged newer ones are named in a warning); None
+    for a fresh run. Raises RunDirectoryError, naming the directory and the choices, when checkpoints exist
+    and none is intact. Nothing is deleted. Local (not collective)."""
+    root = Path(cfg.checkpoint.dir)
+    if cfg.checkpoint.resume_from:
+        chosen = Path(cfg.checkpoint.resume_from)
+        chosen = chosen if chosen.is_absolute() or chosen.parent != Path(".") else root / chosen
+        problem = damage(chosen)
+        if problem:
+            raise RunDirectoryError(f"checkpoint.resume_from={cfg.checkpoint.resume_from}: cannot resume from {chosen}: "
+                             f"{problem}")
+        return chosen
+    steps = sorted((d for d in root.glob("step_*") if STEP_NAME.fullmatch(d.name)), reverse=True)
+    pointer = root / "latest"
+    if not steps and not pointer.exists():
+        return None
+    notes = []
+    if pointer.exists():
+        named = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        if not STEP_NAME.fullmatch(named) or not (root / named).is_dir():
+            notes.append(f"{pointer} holds {named[:40]!r}, not the name of a checkpoint here")
+    for directory in steps:
+        problem = damage(directory)
+        if problem is None:
+            if notes and verbose:
+                print(f"warning: resuming from {directory}: " + "; ".join(notes), flush=True)
+            return directory
+        notes.append(f"{directory.name} is damaged: {problem}")
+    raise RunDirectoryError(f"{root} holds no intact checkpoint to resume from (" + "; ".join(notes) + "). Nothing was "
+                     f"deleted. Either start fresh in another checkpoint.dir (or move this one away), or set "
+                     f"checkpoint.resume_from to a step directory you have repaired.")
+
+
+def _set_aside(directory: Path) -> Path:
+    """Rename `directory` to the first free <name>.set-aside-K and return the new path. Rank 0 only."""
+    k = 1
+    while directory.with_name(f"{directory.name}.set-aside-{k}").exists():
+        k += 1
+    aside = directory.with_name(f"{directory.name}.set-aside-{k}")
+    os.rename(directory, aside)
+    return aside
+
+
 def save(cfg: Config, rank: int, step: int, policy, optimizer, scheduler, actor, tokenizer, extra: dict):
     """Write checkpoint.dir/step_NNNNNN atomically (temporary directory, then rename), point `latest`
     at it, and keep the newest checkpoint.keep. `actor` is the full (unsharded) copy of the policy
@@ -91,27 +262,30 @@ def save(cfg: Config, rank: int, step: int, policy, optimizer, scheduler, actor,
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        write_manifest(tmp)  # last: every rank's files are in place
+        if final.exists():  # a damaged checkpoint skipped at resume, or one after checkpoint.resume_from
+            print(f"checkpoint: {final.name} already exists; set aside as {_set_aside(final).name}", flush=True)
         os.rename(tmp, final)
         latest = root / "latest.tmp"
         latest.write_text(final.name + "\n")
         os.replace(latest, root / "latest")
-        for old in sorted(root.glob("step_*"))[:-cfg.checkpoint.keep]:
+        for old in sorted(d for d in root.glob("step_*") if STEP_NAME.fullmatch(d.name))[:-cfg.checkpoint.keep]:
             shutil.rmtree(old)
     dist.barrier()
 
 
 def load(cfg: Config, rank: int, policy, optimizer, scheduler) -> tuple[int, dict] | None:
-    """Restore the newest complete checkpoint into the policy, optimizer, scheduler and this process's
-    RNGs, if there is one: returns (its step, this rank's extra state), else None."""
+    """Restore the checkpoint `resumable` picks into the policy, optimizer, scheduler and this
+    process's RNGs, if there is one: returns (its step, this rank's extra state), else None."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    pointer = Path(cfg.checkpoint.dir) / "latest"
-    if not pointer.is_file():
+    directory = resumable(cfg, verbose=rank == 0)
+    if directory is None:
         return None
-    directory = Path(cfg.checkpoint.dir) / pointer.read_text().strip()
+    if not (directory / f"rank{rank}.pt").is_file():
+        raise RunDirectoryError(f"{directory} was written by {len(list(directory.glob('rank*.pt')))} processes and has no "
+                         f"state for rank {rank}: resume with the number of processes that wrote it")
     model_state, optim_state = get_state_dict(policy, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(directory / "state"))

@@ -166,6 +166,7 @@ class CheckpointConfig:
     dir: str = "runs/qwen3_8b_masa"  # checkpoints, metrics.jsonl and the resolved config go here
     every: int = 10  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks)
     keep: int = 3  # most recent checkpoints kept
+    resume_from: str = ""  # a step directory (step_000120, or a path) to resume from; "": the newest intact one
 
 
 @dataclass

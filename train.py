@@ -533,6 +533,10 @@ def train(cfg: Config):
     env = setup_distributed()
     if cfg.train.batch_size % env.world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {env.world} processes")
+    if env.main:
+        checkpoints.lock(cfg)  # before anything is written
+    dist.barrier()
+    checkpoints.resumable(cfg)  # a damaged run directory stops the run here, before the model is loaded
     run = prepare(cfg, env)
     log = checkpoints.MetricsLog(cfg, run.start) if env.main else None
     pool = GraderPool()
@@ -591,6 +595,8 @@ def main(argv=None):
         return
     try:
         train(cfg)
+    except checkpoints.RunDirectoryError as e:
+        raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,164 @@
+"""The run directory under careless or hostile use, as real train.py runs in subprocesses: damaged
+checkpoints (skipped with a warning naming the damage, or a clear stop when none is intact), two
+runs on one directory (the second stops at once), a stale lock (taken over). Nothing is deleted."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "test_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    make_tiny_checkpoint(root / "model")
+    with open(root / "problems.jsonl", "w") as f:
+        for a in range(8):
+            f.write(json.dumps({"problem": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1)}) + "\n")
+    return root
+
+
+def command(assets, run_dir, *overrides):
+    return [sys.executable, str(ROOT / "train.py"), str(CONFIG), f"model.path={assets / 'model'}",
+            f"data.train_path={assets / 'problems.jsonl'}", f"checkpoint.dir={run_dir}", "checkpoint.every=1",
+            "checkpoint.keep=5", *overrides]
+
+
+def train(assets, run_dir, *overrides, check=True):
+    out = subprocess.run(command(assets, run_dir, *overrides), capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def listing(directory: Path) -> dict[str, int]:
+    """Every file under `directory` (but the lock) with its size."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def two_steps(assets, tmp_path_factory):
+    """A run directory with intact checkpoints after steps 1 and 2."""
+    run_dir = tmp_path_factory.mktemp("two_steps") / "run"
+    train(assets, run_dir, "train.total_steps=2")
+    assert (run_dir / "latest").read_text().strip() == "step_000002"
+    return run_dir
+
+
+def truncate(file: Path):
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+
+
+def garbage(file: Path):
+    file.write_bytes(os.urandom(file.stat().st_size))  # the same size: only the checksum can tell
+
+
+DAMAGES = {
+    "truncated rank0.pt": (lambda d: truncate(d / "step_000002" / "rank0.pt"), "rank0.pt has"),
+    "deleted state/.metadata": (lambda d: (d / "step_000002" / "state" / ".metadata").unlink(),
+                                "state/.metadata is missing"),
+    "garbage state/.metadata": (lambda d: garbage(d / "step_000002" / "state" / ".metadata"),
+                                "state/.metadata does not match the checksum"),
+    "truncated .distcp": (lambda d: truncate(next((d / "step_000002" / "state").glob("*.distcp"))), ".distcp has"),
+    "latest holds garbage": (lambda d: (d / "latest").write_bytes(b"\xff\xfe garbage"), "latest holds"),
+    "latest names a missing step": (lambda d: (d / "latest").write_text("step_000009\n"), "latest holds"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_nothing_deleted(assets, two_steps, tmp_path,
+                                                                                   damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    breaks, says = DAMAGES[damage]
+    breaks(run_dir)
+    damaged_step = run_dir / "step_000002"
+    before = listing(damaged_step)
+    out = train(assets, run_dir, "train.total_steps=3")
+    metadata_only = damage.startswith("latest")
+    resumed_from = "step_000002" if metadata_only else "step_000001"
+    assert f"warning: resuming from {run_dir / resumed_from}: " in out.stdout
+    assert says in out.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]  # resumed after step 1 (or 2), the rest re-run
+    assert (run_dir / "latest").read_text().strip() == "step_000003"
+    if not metadata_only:  # the damaged step 2 was set aside when the new step 2 was written, not deleted
+        assert listing(run_dir / "step_000002.set-aside-1") == before
+        assert "step_000002 already exists; set aside as step_000002.set-aside-1" in out.stdout
+
+
+def test_no_intact_checkpoint_stops_the_run_with_the_choices(assets, two_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    for step in ("step_000001", "step_000002"):
+        truncate(run_dir / step / "rank0.pt")
+    before = listing(run_dir)
+    out = train(assets, run_dir, "train.total_steps=3", check=False)
+    assert out.returncode != 0
+    message = out.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: {run_dir} holds no intact checkpoint to resume from")
+    assert "step_000002 is damaged: rank0.pt has" in message and "step_000001 is damaged" in message
+    assert "checkpoint.resume_from" in message and "Nothing was deleted" in message
+    assert "Traceback" not in out.stderr
+    assert listing(run_dir) == before
+
+
+def test_resume_from_names_the_checkpoint(assets, two_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    intact = listing(run_dir / "step_000002")
+    train(assets, run_dir, "train.total_steps=2", "checkpoint.resume_from=step_000001")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert listing(run_dir / "step_000002.set-aside-1") == intact  # the step it replaced, kept
+    out = train(assets, run_dir, "train.total_steps=2", "checkpoint.resume_from=step_000007", check=False)
+    assert "error: checkpoint.resume_from=step_000007: cannot resume from" in out.stderr and "does not exist" in out.stderr
+
+
+def test_a_second_run_on_the_same_directory_stops_at_once_and_a_stale_lock_is_taken_over(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(command(assets, run_dir, "train.total_steps=100"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "latest").exists():  # the first run holds the lock and has checkpointed
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        holder = json.loads((run_dir / ".lock").read_text())
+        assert holder["pid"] == first.pid
+        started = time.monotonic()
+        second = train(assets, run_dir, "train.total_steps=100", check=False)
+        assert second.returncode != 0 and time.monotonic() - started < 60
+        assert f"is in use by process {first.pid} on {holder['host']}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == first.pid  # killed: the lock stays behind
+    third = train(assets, run_dir, "train.total_steps=1", "checkpoint.every=0")
+    assert f"{run_dir / '.lock'} was left by process {first.pid}" in third.stdout
+    assert "which is no longer running: taking the run directory over" in third.stdout
+    assert not (run_dir / ".lock").exists()  # released at exit
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused(assets, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    out = train(assets, target, "train.total_steps=1", check=False)
+    assert out.returncode != 0 and f"error: checkpoint.dir={target} is a file, not a directory" in out.stderr
+    assert target.read_text() == "not a directory"
