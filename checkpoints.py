@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from config import Config, to_dict
+from config import BENIGN_ON_RESUME, Config, flat, to_dict
 from data import ARITHMETIC_WORDS, build_char_tokenizer
 from model import PRESETS, Qwen3
 
@@ -228,6 +228,27 @@ def resumable(cfg: Config, verbose: bool = False) -> Path | None:
     raise RunDirectoryError(f"{root} holds no intact checkpoint to resume from (" + "; ".join(notes) + "). Nothing was "
                      f"deleted. Either start fresh in another checkpoint.dir (or move this one away), or set "
                      f"checkpoint.resume_from to a step directory you have repaired.")
+
+
+def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[str, list]:
+    """Compare the run's resolved config with the one saved in the checkpoint it resumes from:
+    returns {key: [saved, now]} for every difference. A difference outside config.BENIGN_ON_RESUME
+    raises RunDirectoryError listing them all, unless checkpoint.allow_config_change; with
+    `verbose`, each difference is printed once. Local (not collective)."""
+    saved = flat(yaml.safe_load((directory / "config.yaml").read_text()))
+    now = flat(to_dict(cfg))
+    changes = {k: [saved.get(k), now.get(k)] for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
+    experiment = {k: v for k, v in changes.items() if not k.startswith(BENIGN_ON_RESUME)}
+    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in experiment.items())
+    if experiment and not cfg.checkpoint.allow_config_change:
+        raise RunDirectoryError(f"resuming from {directory} with a config that changes the experiment ({listed}). "
+                                f"Restore those values, start a new run in another checkpoint.dir, or set "
+                                f"checkpoint.allow_config_change=true to continue with them (they are logged).")
+    if verbose:
+        for k, (old, new) in changes.items():
+            kind = "changes the experiment (allowed by checkpoint.allow_config_change)" if k in experiment else "note"
+            print(f"resume: {k}: {old!r} -> {new!r} ({kind})", flush=True)
+    return changes
 
 
 def _set_aside(directory: Path) -> Path:

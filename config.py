@@ -167,6 +167,7 @@ class CheckpointConfig:
     every: int = 10  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks)
     keep: int = 3  # most recent checkpoints kept
     resume_from: str = ""  # a step directory (step_000120, or a path) to resume from; "": the newest intact one
+    allow_config_change: bool = False  # resume even if keys that change the experiment differ (each is logged)
 
 
 @dataclass
@@ -343,6 +344,27 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         raise ConfigError(f"config key {name!r} expects {hint.__name__}, got {value!r} "
                           f"({type(value).__name__})")
     return value
+
+
+# What a resumed run may change without changing the experiment (checkpoints.config_changes): where
+# and how often things are written or shown, how long the run goes on, held-out validation, the
+# audit's cadence (it only measures), and the sampler's memory knobs (they change no sampled token:
+# rollout.generate draws each sequence from its own stream). Keys are dotted; a trailing dot takes a
+# whole section. Every other key changes the experiment: a resume that changes one stops, unless
+# checkpoint.allow_config_change=true.
+BENIGN_ON_RESUME = ("log.", "checkpoint.", "validation.", "train.total_steps", "efficient.audit_every",
+                    "rollout.slots", "rollout.kv_tokens", "rollout.cuda_graphs")
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

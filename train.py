@@ -536,7 +536,9 @@ def train(cfg: Config):
     if env.main:
         checkpoints.lock(cfg)  # before anything is written
     dist.barrier()
-    checkpoints.resumable(cfg)  # a damaged run directory stops the run here, before the model is loaded
+    # a damaged run directory, or a resume that changes the experiment, stops the run here, before any loading
+    resuming = checkpoints.resumable(cfg)
+    changes = checkpoints.config_changes(cfg, resuming, verbose=env.main) if resuming else {}
     run = prepare(cfg, env)
     log = checkpoints.MetricsLog(cfg, run.start) if env.main else None
     pool = GraderPool()
@@ -558,6 +560,8 @@ def train(cfg: Config):
             done = time.perf_counter()
             metrics.update(time_refresh=done - updated, time_step=done - started)  # time_step: the whole step
             record = step_record(env, step, data, metrics)
+            if changes and step == run.start:
+                record["config_changes"] = changes  # logged once: the first step after the resume
             if val_problems and (step + 1) % cfg.validation.every == 0:
                 record["val_accuracy"] = validate(cfg, env, run.actor, run.tokenizer, pool, val_problems)
             if log:

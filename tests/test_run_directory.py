@@ -162,3 +162,25 @@ def test_a_checkpoint_dir_that_is_a_file_is_refused(assets, tmp_path):
     out = train(assets, target, "train.total_steps=1", check=False)
     assert out.returncode != 0 and f"error: checkpoint.dir={target} is a file, not a directory" in out.stderr
     assert target.read_text() == "not a directory"
+
+
+def test_a_resume_that_changes_the_experiment_stops_unless_allowed(assets, two_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    before = listing(run_dir)
+    out = train(assets, run_dir, "train.total_steps=3", "algorithm=grpo", "optim.lr=0.5", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert (f"error: resuming from {run_dir / 'step_000002'} with a config that changes the experiment "
+            "(algorithm: 'masa' -> 'grpo'; optim.lr: ") in out.stderr
+    assert "checkpoint.allow_config_change=true" in out.stderr
+    assert listing(run_dir) == before
+    # benign keys (how long, how often, where and what is shown) pass with a note
+    out = train(assets, run_dir, "train.total_steps=3", "log.progress_bar=true", "checkpoint.keep=4")
+    assert "resume: checkpoint.keep: 5 -> 4 (note)" in out.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[2]["config_changes"]["log.progress_bar"] == [False, True] and "config_changes" not in records[1]
+    # allowed: each difference printed and logged once, in the first step after the resume
+    out = train(assets, run_dir, "train.total_steps=4", "optim.lr=0.5", "checkpoint.allow_config_change=true")
+    assert "resume: optim.lr: " in out.stdout and "(changes the experiment (allowed by" in out.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[3]["config_changes"]["optim.lr"][1] == 0.5 and [r["step"] for r in records] == [1, 2, 3, 4]
