@@ -206,8 +206,8 @@ def resumable(cfg: Config, verbose: bool = False) -> Path | None:
         chosen = chosen if chosen.is_absolute() or chosen.parent != Path(".") else root / chosen
         problem = damage(chosen)
         if problem:
-            raise RunDirectoryError(f"checkpoint.resume_from={cfg.checkpoint.resume_from}: cannot resume from {chosen}: "
-                             f"{problem}")
+            raise RunDirectoryError(f"checkpoint.resume_from={cfg.checkpoint.resume_from}: cannot resume from "
+                                    f"{chosen}: {problem}")
         return chosen
     steps = sorted((d for d in root.glob("step_*") if STEP_NAME.fullmatch(d.name)), reverse=True)
     pointer = root / "latest"
@@ -225,9 +225,9 @@ def resumable(cfg: Config, verbose: bool = False) -> Path | None:
                 print(f"warning: resuming from {directory}: " + "; ".join(notes), flush=True)
             return directory
         notes.append(f"{directory.name} is damaged: {problem}")
-    raise RunDirectoryError(f"{root} holds no intact checkpoint to resume from (" + "; ".join(notes) + "). Nothing was "
-                     f"deleted. Either start fresh in another checkpoint.dir (or move this one away), or set "
-                     f"checkpoint.resume_from to a step directory you have repaired.")
+    raise RunDirectoryError(f"{root} holds no intact checkpoint to resume from (" + "; ".join(notes) + "). Nothing "
+                            "was deleted. Either start fresh in another checkpoint.dir (or move this one away), or "
+                            "set checkpoint.resume_from to a step directory you have repaired.")
 
 
 def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[str, list]:
@@ -305,8 +305,8 @@ def load(cfg: Config, rank: int, policy, optimizer, scheduler) -> tuple[int, dic
     if directory is None:
         return None
     if not (directory / f"rank{rank}.pt").is_file():
-        raise RunDirectoryError(f"{directory} was written by {len(list(directory.glob('rank*.pt')))} processes and has no "
-                         f"state for rank {rank}: resume with the number of processes that wrote it")
+        raise RunDirectoryError(f"{directory} was written by {len(list(directory.glob('rank*.pt')))} processes and "
+                                f"has no state for rank {rank}: resume with the number of processes that wrote it")
     model_state, optim_state = get_state_dict(policy, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(directory / "state"))

@@ -87,6 +87,7 @@ class TrainConfig:
     mini_batches: int = 1  # optimizer steps per pass; 1 is the paper's setting
     micro_batch_tokens: int = 16384  # tokens per forward/backward micro-batch on one GPU
     seed: int = 0
+    max_skipped_steps: int = 3  # consecutive steps skipped for a non-finite loss or gradient before the run stops
 
 
 @dataclass
@@ -262,6 +263,10 @@ _RULES = [
     ("train.ppo_epochs", lambda v: v >= 1, "at least 1"),
     ("train.mini_batches", lambda v: v >= 1, "at least 1"),
     ("train.micro_batch_tokens", lambda v: v >= 1, "at least 1"),
+    ("train.seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
+    ("train.max_skipped_steps", lambda v: v >= 1, "at least 1"),
+    ("loss.kl_coef", lambda v: v >= 0, "at least 0 (a negative coefficient rewards moving away from the reference)"),
+    ("loss.entropy_coef", lambda v: v >= 0, "at least 0"),
     ("loss.clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.clip_high", lambda v: v >= 0, "at least 0"),
     ("optim.lr", lambda v: v > 0, "positive"),

@@ -39,8 +39,13 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
         rows = pq.read_table(path).to_pylist()
     else:
         rows = []
-        with path.open() as f:
-            for number, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}, row {number}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                     f"{e.start + 1}); problem files must be UTF-8 JSON lines") from None
                 if not line.strip():
                     continue
                 try:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -53,7 +53,7 @@ from eval import plot_training, run_summary, sample_problems
 from masa import Episode, Prompt
 from model import Qwen3
 from parallel import Env, Tally, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
-from plan import GIB, memory_plan, print_plan
+from plan import GIB, memory_plan, model_shape, print_plan
 from rewards import GraderPool, Grades, grade_batch, parse_meta
 from rollout import SamplingParams, generate
 
@@ -472,11 +472,41 @@ def prepare(cfg: Config, env: Env) -> Run:
         run.start, extra = resumed
         run.bc_buffer = extra.get("bc_buffer", [])
         refresh_actor(actor, policy)
+    broken = next((name for name, p in actor.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken:  # every step would be skipped: stop now
+        source = checkpoints.resumable(cfg) if resumed else model_path
+        raise RunStopped(f"the weights loaded from {source} hold NaN or infinite values ({broken}): the "
+                         f"checkpoint is unusable; resume from an earlier one with checkpoint.resume_from")
     elif cfg.warm_start.steps:  # checkpointed as step 0, so a resumed run never repeats it
         warm_start(cfg, env, policy, tokenizer, problems)
         refresh_actor(actor, policy)
         save(cfg, env, run, 0)
     return run
+
+
+class RunStopped(Exception):
+    """The run cannot usefully go on; the message says why and where to pick up (printed without a traceback)."""
+
+
+def check_sizes(cfg: Config, env: Env):
+    """Refuse, before anything is loaded or allocated, lengths the model cannot take and (on CUDA) a
+    KV pool the memory plan says cannot hold one sequence; warn when the plan's peak exceeds the GPU."""
+    shape, source = model_shape(cfg)
+    positions = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    if positions > shape.max_position_embeddings:
+        raise ValueError(f"rollout.max_prompt_tokens + rollout.max_response_tokens = {positions:,} positions, more "
+                         f"than the model takes ({shape.max_position_embeddings:,}, max_position_embeddings of "
+                         f"{source}): lower rollout.max_response_tokens")
+    if env.device.type == "cuda":
+        gib = torch.cuda.get_device_properties(env.device).total_memory / GIB
+        plan = memory_plan(cfg, env.world, gib)
+        if not plan["one_sequence_fits"]:
+            raise ValueError(f"the KV pool ({plan['kv_tokens']:,} positions) cannot hold one sequence of {positions:,} "
+                             f"positions on a {gib:.0f} GiB GPU (train.py CONFIG --plan): lower "
+                             f"rollout.max_response_tokens or set rollout.kv_tokens")
+        if not plan["fits"] and env.main:
+            print(f"warning: train.py --plan puts this run's peak above the GPU's budget ({gib:.0f} GiB): expect "
+                  f"out-of-memory errors", flush=True)
 
 
 def save(cfg: Config, env: Env, run: Run, step: int):
@@ -533,6 +563,7 @@ def train(cfg: Config):
     env = setup_distributed()
     if cfg.train.batch_size % env.world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {env.world} processes")
+    check_sizes(cfg, env)
     if env.main:
         checkpoints.lock(cfg)  # before anything is written
     dist.barrier()
@@ -546,6 +577,7 @@ def train(cfg: Config):
     if cfg.validation.path:
         val_problems = load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
     bar = progress_bar(cfg, env, cfg.train.total_steps, cfg.algorithm, run.start)
+    skipped_in_a_row = 0
     try:
         for step in range(run.start, cfg.train.total_steps):
             started = time.perf_counter()
@@ -554,6 +586,7 @@ def train(cfg: Config):
             problems = step_problems(run.problems, cfg, step, env)
             data = collect(cfg, step, env, run.actor, run.tokenizer, pool, problems)
             metrics = update(cfg, env, run.policy, run.optimizer, run.scheduler, data.episodes, run.reference)
+            skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_steps"] else 0
             updated = time.perf_counter()
             metrics.update(behaviour_cloning(cfg, env, run, data.experts))
             refresh_actor(run.actor, run.policy)
@@ -569,6 +602,11 @@ def train(cfg: Config):
             if bar:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
                 bar.update(1)
+            if skipped_in_a_row >= cfg.train.max_skipped_steps:  # before a checkpoint of the stuck weights
+                last = checkpoints.resumable(replace(cfg, checkpoint=replace(cfg.checkpoint, resume_from="")))
+                raise RunStopped(f"{skipped_in_a_row} steps in a row were skipped for a non-finite loss or gradient "
+                                 f"(train.max_skipped_steps): the weights have stopped moving. The last good "
+                                 f"checkpoint is {last or 'none (no checkpoint yet)'}; see metrics.jsonl.")
             if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps):
                 save(cfg, env, run, step + 1)
     finally:
@@ -599,7 +637,7 @@ def main(argv=None):
         return
     try:
         train(cfg)
-    except checkpoints.RunDirectoryError as e:
+    except (checkpoints.RunDirectoryError, RunStopped) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():

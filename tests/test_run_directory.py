@@ -3,6 +3,7 @@ checkpoints (skipped with a warning naming the damage, or a clear stop when none
 runs on one directory (the second stops at once), a stale lock (taken over). Nothing is deleted."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -184,3 +185,58 @@ def test_a_resume_that_changes_the_experiment_stops_unless_allowed(assets, two_s
     assert "resume: optim.lr: " in out.stdout and "(changes the experiment (allowed by" in out.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[3]["config_changes"]["optim.lr"][1] == 0.5 and [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values that must be errors before any work
+
+
+def test_lengths_beyond_the_model_are_refused_before_anything_is_allocated(assets, tmp_path):
+    started = time.monotonic()
+    out = train(assets, tmp_path / "run", "train.total_steps=1", "rollout.max_response_tokens=100000000", check=False)
+    assert out.returncode != 0 and time.monotonic() - started < 120
+    assert re.search(r"rollout.max_prompt_tokens \+ rollout.max_response_tokens = 100,00\d,\d{3} positions, more "
+                     r"than the model takes \(4,096, max_position_embeddings of ", out.stderr)
+    assert "lower rollout.max_response_tokens" in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_weights_holding_nan_stop_the_run_before_the_first_step(assets, tmp_path):
+    import torch
+
+    from model import Qwen3
+
+    model = Qwen3.from_pretrained(assets / "model")
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    broken = tmp_path / "broken"
+    model.save_pretrained(broken)
+    for name in os.listdir(assets / "model"):  # the tokenizer files
+        if not (broken / name).exists():
+            shutil.copy(assets / "model" / name, broken / name)
+    out = train(assets, tmp_path / "run", "train.total_steps=2", f"model.path={broken}", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"error: the weights loaded from {broken} hold NaN or infinite values (layers.0.mlp.up_proj.weight)" \
+        in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_problem_file_that_is_not_utf8_names_the_file_and_row(tmp_path):
+    from data import load_problems
+
+    bad = tmp_path / "problems.jsonl"
+    bad.write_bytes(b'{"problem": "1+1", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"problems.jsonl, row 2: not UTF-8 \(byte 0xe9 at column 17\)"):
+        load_problems(bad)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.kl_coef=-0.1", "config key 'loss.kl_coef' must be at least 0 (a negative coefficient rewards moving away "
+                          "from the reference), got -0.1"),
+    ("train.seed=-1", "config key 'train.seed' must be in [0, 2^32), got -1"),
+])
+def test_bad_values_are_refused_when_the_config_loads(override, message):
+    from config import load_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(CONFIG, [override])

@@ -2,6 +2,7 @@
 transformers loads, resuming continues exactly, and 2 processes make the same update as 1."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -304,3 +305,24 @@ def test_run_summary_compares_the_first_and_last_steps(tmp_path):
     rows[3]["pass_rate_mae"] = 0.2  # present in the last window only: left out
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert run_summary(metrics) == "steps 1-2 vs 3-4: accuracy 0.150 -> 0.600"
+
+
+def test_a_run_of_skipped_steps_stops_naming_the_last_good_checkpoint(assets, tmp_path, one_process_group,
+                                                                       monkeypatch):
+    import train
+    from config import load_config
+
+    real_update = train.update
+
+    def nothing_finite(*args, **kwargs):  # every optimizer step skipped, as a non-finite loss does
+        return {**real_update(*args, **kwargs), "skipped_steps": 1}
+
+    monkeypatch.setattr(train, "update", nothing_finite)
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", f"data.train_path={assets / 'problems.jsonl'}",
+                               f"checkpoint.dir={tmp_path / 'run'}", "checkpoint.every=1", "train.total_steps=10",
+                               "train.max_skipped_steps=2"])
+    with pytest.raises(train.RunStopped, match=r"2 steps in a row were skipped .* The last good checkpoint is "
+                                               + re.escape(str(tmp_path / "run" / "step_000001"))):
+        train.train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and not (tmp_path / "run" / "step_000002").exists()
