@@ -17,6 +17,8 @@ In order:
    metrics.jsonl and the peak memory against `train.py --plan`'s prediction for the same run. A
    random model's rewards are all 0, so every advantage is 0 and the update would skip every
    response: a small entropy bonus keeps them all in the loss, the update's worst case.
+   train.py gets the kernel environment of a GPU run (MASA_KERNELS=triton, no TRITON_INTERPRET)
+   also on a CPU, where every tensor then takes the twins; on a GPU every kernel must run on Triton.
 5. the CUDA-only branches that no row above reaches: checkpoint RNG state with the CUDA generators,
    the device-side check of log-prob targets (in a process of its own), eval.py end to end.
 
@@ -330,8 +332,11 @@ def training_steps(args, torch, gpu: bool) -> list[tuple]:
         print(f"\n== {steps} MASA steps of train.py on Qwen3-{preset} shapes ({config.num_parameters() / 1e9:.2f}B "
               f"parameters, vocabulary {config.vocab_size}), random weights: {' '.join(overrides[3:-2])}")
         started = time.perf_counter()
+        # exactly the kernel environment a GPU run gives train.py: MASA_KERNELS=triton, no interpreter
+        # (on a CPU every tensor then takes the twins; tests/test_train.py checks the same)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         result = subprocess.run([sys.executable, str(ROOT / "train.py"), str(cfg_file), *overrides],
-                                capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                capture_output=True, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
         print(result.stdout[-3000:] + result.stderr[-3000:])
         if result.returncode:
             return [("training steps", f"exit {result.returncode}", "exit 0", False)]
@@ -345,8 +350,8 @@ def training_steps(args, torch, gpu: bool) -> list[tuple]:
     calls = dict(item.split(": ") for item in report.removeprefix("kernel calls on rank 0: ").split(", ") if ": " in item)
     on_triton = [name for name, impl in calls.items() if impl.startswith("triton")]
     print(f"kernel implementations in the training run: {', '.join(f'{k} {v}' for k, v in calls.items())}")
-    rows = [("training run: kernels that ran on Triton", f"{len(on_triton)} of {len(calls)}", "all",
-             bool(calls) and len(on_triton) == len(calls))]
+    rows = [("training run: kernels that ran on Triton", f"{len(on_triton)} of {len(calls)}", "all" if gpu else "",
+             bool(calls) and len(on_triton) == len(calls) if gpu else None)]
     rows.append(("train step time (s)", f"{split['time_step']:.2f}", "", None))
     rows += [(f"  of which {k[5:].replace('_', ' + ')} (s)", f"{split[k]:.2f}", "", None) for k in list(split)[1:]]
     if gpu:

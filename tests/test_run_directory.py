@@ -221,13 +221,12 @@ def test_weights_holding_nan_stop_the_run_before_the_first_step(assets, tmp_path
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_problem_file_that_is_not_utf8_names_the_file_and_row(tmp_path):
-    from data import load_problems
-
+def test_a_problem_file_that_is_not_utf8_names_the_file_and_row(assets, tmp_path):
     bad = tmp_path / "problems.jsonl"
     bad.write_bytes(b'{"problem": "1+1", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n')
-    with pytest.raises(ValueError, match=r"problems.jsonl, row 2: not UTF-8 \(byte 0xe9 at column 17\)"):
-        load_problems(bad)
+    out = train(assets, tmp_path / "run", "train.total_steps=1", f"data.train_path={bad}", check=False)
+    assert out.returncode != 0
+    assert f"{bad}, row 2: not UTF-8 (byte 0xe9 at column 17); problem files must be UTF-8 JSON lines" in out.stderr
 
 
 @pytest.mark.parametrize("override,message", [
