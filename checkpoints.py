@@ -231,10 +231,11 @@ def resumable(cfg: Config, verbose: bool = False) -> Path | None:
 
 
 def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[str, list]:
-    """Compare the run's resolved config with the one saved in the checkpoint it resumes from:
-    returns {key: [saved, now]} for every difference. A difference outside config.BENIGN_ON_RESUME
-    raises RunDirectoryError listing them all, unless checkpoint.allow_config_change; with
-    `verbose`, each difference is printed once. Local (not collective)."""
+    """Compare the run's resolved config with the one saved in the checkpoint it resumes from. A
+    difference outside config.BENIGN_ON_RESUME raises RunDirectoryError listing them all, unless
+    checkpoint.allow_config_change; with `verbose`, every difference is printed once. Returns the
+    experiment-changing ones that were allowed, {key: [saved, now]}, for metrics.jsonl. Local (not
+    collective)."""
     saved = flat(yaml.safe_load((directory / "config.yaml").read_text()))
     now = flat(to_dict(cfg))
     changes = {k: [saved.get(k), now.get(k)] for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
@@ -248,7 +249,7 @@ def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[
         for k, (old, new) in changes.items():
             kind = "changes the experiment (allowed by checkpoint.allow_config_change)" if k in experiment else "note"
             print(f"resume: {k}: {old!r} -> {new!r} ({kind})", flush=True)
-    return changes
+    return experiment
 
 
 def _set_aside(directory: Path) -> Path:

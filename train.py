@@ -594,7 +594,7 @@ def train(cfg: Config):
             metrics.update(time_refresh=done - updated, time_step=done - started)  # time_step: the whole step
             record = step_record(env, step, data, metrics)
             if changes and step == run.start:
-                record["config_changes"] = changes  # logged once: the first step after the resume
+                record["config_changes"] = changes  # allowed experiment changes, logged once: the first step after the resume
             if val_problems and (step + 1) % cfg.validation.every == 0:
                 record["val_accuracy"] = validate(cfg, env, run.actor, run.tokenizer, pool, val_problems)
             if log:
