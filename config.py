@@ -84,7 +84,8 @@ class TrainConfig:
     batch_size: int = 128  # B: prompts per optimizer step (global, across ranks)
     total_steps: int = 314  # one epoch of DeepScaleR (40,315 problems) at 128 prompts per step
     ppo_epochs: int = 1  # passes over each batch; 1 keeps the update fully on-policy
-    mini_batches: int = 1  # optimizer steps per pass; 1 is the paper's setting
+    mini_batches: int = 1  # optimizer steps per pass; 1: fully on-policy (here). The released code takes 2 per
+    #                        MASA batch: its mini-batch holds 128 x 16 sequences and a batch 128 x (16 + 16)
     micro_batch_tokens: int = 16384  # tokens per forward/backward micro-batch on one GPU
     seed: int = 0
     max_skipped_steps: int = 3  # consecutive steps skipped for a non-finite loss or gradient before the run stops
@@ -97,6 +98,8 @@ class LossConfig:
     aggregation: Literal["token-mean", "seq-mean-token-mean", "constant"] = "token-mean"
     kl_coef: float = 0.0  # k3 KL to the initial policy; the paper uses none
     entropy_coef: float = 0.0  # entropy bonus; the paper uses none
+    dual_clip: float = 0.0  # dual-clip PPO constant c: for A < 0 a token's loss is capped at c|A|; 0: off (here);
+    #                         the released code (verl's clip_ratio_c) uses 10, which matters only off-policy
 
 
 @dataclass
@@ -267,6 +270,7 @@ _RULES = [
     ("train.max_skipped_steps", lambda v: v >= 1, "at least 1"),
     ("loss.kl_coef", lambda v: v >= 0, "at least 0 (a negative coefficient rewards moving away from the reference)"),
     ("loss.entropy_coef", lambda v: v >= 0, "at least 0"),
+    ("loss.dual_clip", lambda v: v == 0 or v > 1, "0 (off) or greater than 1"),
     ("loss.clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.clip_high", lambda v: v >= 0, "at least 0"),
     ("optim.lr", lambda v: v > 0, "positive"),

@@ -109,7 +109,7 @@ class LossScale:
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, scale: LossScale, clip_low: float = 0.2, clip_high: float = 0.28,
                 aggregation: str = "token-mean", ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
-                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0):
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0, dual_clip: float = 0.0):
     """Token-level PPO-clip loss (step 4 of DESIGN.md §1) for one micro-batch.
 
     logprobs, old_logprobs [B, T] float32: log pi(token) now and at sampling time (equal tensors on the
@@ -118,7 +118,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ref_logprobs [B, T]: a frozen reference policy, for the k3 KL estimator exp(r - l) - (r - l) - 1;
     entropy [B, T]: the policy's entropy per token, for an entropy bonus.
 
-    Per token: max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)) (+ kl_coef k3 - entropy_coef H).
+    Per token: max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)) (+ kl_coef k3 - entropy_coef H);
+    with dual_clip = c > 1 (dual-clip PPO, Ye et al. 2020), a token with A < 0 is further capped at c |A|,
+    so a huge ratio on a bad token cannot dominate (it then carries no gradient).
     Aggregation over tokens:
       token-mean            sum over all response tokens / scale.tokens (the paper's);
       seq-mean-token-mean   each response's token mean, summed / scale.sequences;
@@ -133,6 +135,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)  # [B, T]
+    if dual_clip:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
     kl = None
     if ref_logprobs is not None and kl_coef:
         delta = ref_logprobs - logprobs

@@ -355,7 +355,7 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
                 ref_logprobs, _ = reference(ids, targets=targets, temperature=temperature)
         loss, m = masa.policy_loss(logprobs, old_logprobs, adv, mask, scale, cfg.loss.clip_low, cfg.loss.clip_high,
                                    cfg.loss.aggregation, ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef,
-                                   entropy=entropy, entropy_coef=cfg.loss.entropy_coef)
+                                   entropy=entropy, entropy_coef=cfg.loss.entropy_coef, dual_clip=cfg.loss.dual_clip)
         loss.backward()
         sums["loss"] += loss.item()
         for key in ("tokens", "clipped_tokens", "ratio_sum", "entropy_sum", "kl_sum"):

@@ -40,6 +40,23 @@ def test_aggregation_modes_against_hand_computation(aggregation, expected):
     assert metrics["ratio_min"] == pytest.approx(0.5) and metrics["ratio_max"] == pytest.approx(1.5)
 
 
+def test_dual_clip_caps_only_the_tokens_of_negative_advantage_at_c_times_their_advantage():
+    # Ratios 20 and 3 with A = -1: PPO-clip gives max(20, 1.28) = 20 and max(3, 1.28) = 3; dual-clip
+    # c = 10 caps the first at 10 (and leaves it no gradient), the second stays. A = 2 with ratio 20:
+    # max(-40, -2.56) = -2.56, untouched. Token mean over 3 tokens.
+    new = torch.log(torch.tensor([[20.0, 3.0], [20.0, 1.0]])).requires_grad_()
+    adv, mask = torch.tensor([-1.0, 2.0]), torch.tensor([[1.0, 1], [1, 0]])
+    scale = LossScale(tokens=3, sequences=2, max_response_tokens=2)
+    plain, _ = policy_loss(new, torch.zeros(2, 2), adv, mask, scale)
+    capped, _ = policy_loss(new, torch.zeros(2, 2), adv, mask, scale, dual_clip=10.0)
+    assert plain.item() == pytest.approx((20 + 3 - 2.56) / 3, rel=1e-6)
+    assert capped.item() == pytest.approx((10 + 3 - 2.56) / 3, rel=1e-6)
+    (grad,) = torch.autograd.grad(capped, new)
+    assert grad[0, 0] == 0 and grad[0, 1] == pytest.approx(3 / 3) and grad[1, 0] == 0  # d(A ratio)/d log p = A ratio
+    same, _ = policy_loss(NEW, OLD, ADV, MASK, SCALE, dual_clip=10.0)  # no ratio reaches 10: nothing changes
+    assert same.item() == pytest.approx(policy_loss(NEW, OLD, ADV, MASK, SCALE)[0].item(), rel=1e-7)
+
+
 def test_micro_batch_losses_add_up_to_the_batch_loss():
     whole, _ = policy_loss(NEW, OLD, ADV, MASK, SCALE)
     parts = [policy_loss(NEW[i:i + 1], OLD[i:i + 1], ADV[i:i + 1], MASK[i:i + 1], SCALE)[0] for i in range(2)]
