@@ -296,13 +296,13 @@ def save(cfg: Config, rank: int, step: int, policy, optimizer, scheduler, actor,
     dist.barrier()
 
 
-def load(cfg: Config, rank: int, policy, optimizer, scheduler) -> tuple[int, dict] | None:
-    """Restore the checkpoint `resumable` picks into the policy, optimizer, scheduler and this
-    process's RNGs, if there is one: returns (its step, this rank's extra state), else None."""
+def load(cfg: Config, rank: int, policy, optimizer, scheduler, directory: Path | None) -> tuple[int, dict] | None:
+    """Restore the checkpoint in `directory` (the one `resumable` picked; None: a fresh run) into the
+    policy, optimizer, scheduler and this process's RNGs: returns (its step, this rank's extra state),
+    else None."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    directory = resumable(cfg, verbose=rank == 0)
     if directory is None:
         return None
     if not (directory / f"rank{rank}.pt").is_file():

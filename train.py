@@ -445,9 +445,9 @@ class Run:
     bc_buffer: list[tuple] = field(default_factory=list)  # experts not yet cloned, as in StepData.experts
 
 
-def prepare(cfg: Config, env: Env) -> Run:
-    """Load the data, the model (policy, actor, reference) and the optimizer; resume from the newest
-    checkpoint, or run the warm start when there is none."""
+def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
+    """Load the data, the model (policy, actor, reference) and the optimizer; resume from `resuming`
+    (checkpoints.resumable's choice), or run the warm start when it is None."""
     from transformers import AutoTokenizer
 
     torch.manual_seed(cfg.train.seed)
@@ -467,14 +467,14 @@ def prepare(cfg: Config, env: Env) -> Run:
     warmup = max(1, cfg.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     run = Run(tokenizer, problems, policy, actor, reference, optimizer, scheduler)
-    resumed = checkpoints.load(cfg, env.rank, policy, optimizer, scheduler)
+    resumed = checkpoints.load(cfg, env.rank, policy, optimizer, scheduler, resuming)
     if resumed:
         run.start, extra = resumed
         run.bc_buffer = extra.get("bc_buffer", [])
         refresh_actor(actor, policy)
     broken = next((name for name, p in actor.named_parameters() if not torch.isfinite(p).all()), None)
     if broken:  # every step would be skipped: stop now
-        source = checkpoints.resumable(cfg) if resumed else model_path
+        source = resuming if resumed else model_path
         raise RunStopped(f"the weights loaded from {source} hold NaN or infinite values ({broken}): the "
                          f"checkpoint is unusable; resume from an earlier one with checkpoint.resume_from")
     elif cfg.warm_start.steps:  # checkpointed as step 0, so a resumed run never repeats it
@@ -568,9 +568,9 @@ def train(cfg: Config):
         checkpoints.lock(cfg)  # before anything is written
     dist.barrier()
     # a damaged run directory, or a resume that changes the experiment, stops the run here, before any loading
-    resuming = checkpoints.resumable(cfg)
+    resuming = checkpoints.resumable(cfg, verbose=env.main)
     changes = checkpoints.config_changes(cfg, resuming, verbose=env.main) if resuming else {}
-    run = prepare(cfg, env)
+    run = prepare(cfg, env, resuming)
     log = checkpoints.MetricsLog(cfg, run.start) if env.main else None
     pool = GraderPool()
     val_problems = None

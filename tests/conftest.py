@@ -61,3 +61,19 @@ def make_tiny_checkpoint(directory):
     torch.manual_seed(0)
     Qwen3(replace(PRESETS["tiny"], vocab_size=128)).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random Qwen3 with a character tokenizer, and a few arithmetic problems (train.py's inputs)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("assets")
+    make_tiny_checkpoint(root / "model")
+    AutoTokenizer.from_pretrained(root / "model")  # the tokenizer files survived save_pretrained
+    with open(root / "problems.jsonl", "w") as f:
+        for a in range(8):
+            f.write(json.dumps({"problem": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1)}) + "\n")
+    return root

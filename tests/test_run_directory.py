@@ -14,20 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_checkpoint
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "test_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    make_tiny_checkpoint(root / "model")
-    with open(root / "problems.jsonl", "w") as f:
-        for a in range(8):
-            f.write(json.dumps({"problem": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1)}) + "\n")
-    return root
 
 
 def command(assets, run_dir, *overrides):

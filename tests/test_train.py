@@ -12,27 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
 from data import chat_ids
 from masa import Episode, Prompt
 from model import Qwen3
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "test_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny random Qwen3 with a character tokenizer, and a few arithmetic problems."""
-    root = tmp_path_factory.mktemp("assets")
-    make_tiny_checkpoint(root / "model")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(root / "model")  # the tokenizer files survived save_pretrained
-    with open(root / "problems.jsonl", "w") as f:
-        for a in range(8):
-            f.write(json.dumps({"problem": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1)}) + "\n")
-    return root
 
 
 def run(assets, run_dir, *overrides, nproc=1, timeout=600):
