@@ -108,6 +108,8 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     warmup_steps: int = 20  # linear warmup, then constant
+    warmup_from_zero: bool = False  # optimizer step s (from 0) gets lr x min(1, (s + 1) / warmup_steps) (here); true:
+    #                                 lr x min(1, s / warmup_steps), so the first step has lr 0 (released code)
     grad_clip: float = 1.0  # global gradient-norm clip
 
 
@@ -131,6 +133,7 @@ class PromptConfig:
     solution: str = SOLUTION_TEMPLATE  # must contain {problem}
     meta: str = META_TEMPLATE  # must contain {problem}, {group_size} and {max_length}
     hint: str = " Notions that may help: {notions}."  # appended to the solution prompt (efficient.hints)
+    hint_length: str = " A correct solution takes about {length} tokens."  # then this, with efficient.hint_with_length
 
 
 @dataclass
@@ -142,15 +145,23 @@ class MetaConfig:
 class EfficientConfig:
     """MASA-efficient's mechanisms; each switch is one ablation."""
     gating: bool = False  # skip solution rollouts of prompts predicted all-correct or all-wrong
-    gate_start_step: int = 80  # gating, cutoff and hints start once the meta predictions are trained
+    gate_start_step: int = 80  # gating and cutoff (hints too, see hint_start_step) start once the meta path is trained
     gate_std: float = 0.1  # gate only when the M predicted pass rates agree (std below this)
     gate_eps: float = 0.05  # ... and their mean is <= eps or >= 1 - eps (the paper gives no value)
     cutoff: bool = False  # stop solution rollouts past cutoff_factor x the predicted length
     cutoff_factor: float = 2.0
     hints: bool = False  # append one meta rollout's notions to the solution prompt
+    hint_mode: Literal["prompt", "rollout"] = "prompt"  # prompt: one drawn prediction per prompt, shared by its G
+    #                                                     rollouts (here); rollout: one per rollout (released code)
+    hint_with_length: bool = False  # the hint also states the drawn prediction's length (released code: true)
+    hint_start_step: int = -1  # first step with hints; -1: gate_start_step (here); the released code: 0 (from the start)
+    cutoff_in_loss: bool = True  # a cut rollout (reward 0) stays in the loss, i.e. a length penalty (here); false:
+    #                              it counts in its group's statistics but carries no gradient
     behaviour_cloning: bool = False  # supervised steps on expert meta trajectories
-    # The paper's code leaves the three below unset; these are this project's choices.
-    bc_threshold: float = 0.9  # an expert's meta reward must reach this
+    bc_select: Literal["score", "notion"] = "score"  # what picks a prompt's expert meta rollout: its meta reward
+    #                                                  (here) or its notion part alone (released code, threshold 0.2)
+    # The paper leaves the three below unstated; these are this project's choices.
+    bc_threshold: float = 0.9  # an expert's meta reward (or notion part, per bc_select) must reach this
     bc_batch_size: int = 32  # experts per behaviour-cloning step
     bc_lr: float = 1e-6
     audit_every: int = 10  # every N steps also run what gating/cutoff skipped, to measure precision
@@ -283,6 +294,10 @@ _RULES = [
     ("efficient.gate_eps", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     ("efficient.cutoff_factor", lambda v: v > 0, "positive"),
     ("efficient.bc_batch_size", lambda v: v >= 1, "at least 1"),
+    ("efficient.bc_threshold", lambda v: 0 <= v <= 1, "in [0, 1] (meta rewards and their parts lie there)"),
+    ("efficient.bc_lr", lambda v: v > 0, "positive"),
+    ("efficient.gate_start_step", lambda v: v >= 0, "at least 0"),
+    ("efficient.hint_start_step", lambda v: v >= -1, "-1 (with gate_start_step) or at least 0"),
     ("efficient.audit_every", lambda v: v >= 1, "at least 1"),
     ("validation.every", lambda v: v >= 1, "at least 1"),
     ("validation.samples", lambda v: v >= 1, "at least 1"),
@@ -292,7 +307,7 @@ _RULES = [
 
 
 _PLACEHOLDERS = {"solution": ["{problem}"], "meta": ["{problem}", "{group_size}", "{max_length}"],
-                 "hint": ["{notions}"]}
+                 "hint": ["{notions}"], "hint_length": ["{length}"]}
 
 
 def check(cfg: Config):

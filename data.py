@@ -177,10 +177,10 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return list(out if isinstance(out, list) else out["input_ids"])
 
 
-def solution_prompt_ids(tokenizer, cfg, problem: str, hint: list[str] | None = None) -> list[int]:
-    """The solution prompt's token ids (cfg: config.Config), with the hint only if the prompt still fits
-    rollout.max_prompt_tokens."""
-    ids = chat_ids(tokenizer, solution_prompt(problem, cfg.prompt.solution, hint, cfg.prompt.hint))
+def solution_prompt_ids(tokenizer, cfg, problem: str, hint: str = "") -> list[int]:
+    """The solution prompt's token ids (cfg: config.Config), with the hint text (masa.hint_text) only
+    if the prompt still fits rollout.max_prompt_tokens."""
+    ids = chat_ids(tokenizer, solution_prompt(problem, cfg.prompt.solution, hint))
     if hint and len(ids) > cfg.rollout.max_prompt_tokens:
         return solution_prompt_ids(tokenizer, cfg, problem)
     return ids

@@ -41,7 +41,9 @@ class Prompt:
     solution_ids: list[int] = field(default_factory=list, repr=False)  # the solution prompt (with its hint)
     gated: bool = False  # predicted zero-variance: it gets no solution rollouts
     budget: int | None = None  # token budget of its solution rollouts (early cutoff); None: no cutoff
-    hint: list[str] = field(default_factory=list)  # notions appended to its solution prompt
+    hints: list[str] = field(default_factory=list)  # hint text appended to its solution prompt: one shared by
+    #                                                 its G rollouts, or one per rollout; []: none
+    rollout_ids: list[list[int]] = field(default_factory=list, repr=False)  # per-rollout hints: each rollout's prompt
 
 
 @dataclass
@@ -65,14 +67,10 @@ class Episode:
 # Prompts (the chat template is applied by the tokenizer in train.py)
 
 
-def solution_prompt(problem: str, template: str, hint: list[str] | None = None,
-                    hint_template: str = "") -> str:
-    """The solution path's user message: `template` with {problem} filled in, plus a notion hint when
-    given (MASA-efficient's notion hints: `hint_template` with {notions})."""
-    text = template.replace("{problem}", problem)
-    if hint:
-        text += hint_template.replace("{notions}", ", ".join(hint))
-    return text
+def solution_prompt(problem: str, template: str, hint: str = "") -> str:
+    """The solution path's user message: `template` with {problem} filled in, then the hint text
+    (MASA-efficient's notion hints: hint_text), if any."""
+    return template.replace("{problem}", problem) + hint
 
 
 def meta_prompt(problem: str, template: str, group_size: int, max_length: int) -> str:
@@ -203,12 +201,32 @@ def cutoff_budgets(lengths: list[list[int | None]], factor: float, max_response_
     return budgets
 
 
-def hint_notions(predictions: list[MetaPrediction | None], generator: torch.Generator) -> list[str]:
-    """Notion hint: the notions of one meta rollout, drawn at random among those that listed any."""
-    candidates = [p.notions for p in predictions if p is not None and p.notions]
+def hint_predictions(predictions: list[MetaPrediction | None], generator: torch.Generator, draws: int = 1,
+                     with_length: bool = False) -> list[MetaPrediction]:
+    """Notion hints: `draws` meta predictions drawn at random (with replacement) among those that listed
+    notions (or, with_length, gave a length); [] when none did. One draw per prompt shares a hint
+    among its G rollouts; G draws give each rollout its own (the released code's way)."""
+    candidates = [p for p in predictions
+                  if p is not None and (p.notions or (with_length and p.solution_length is not None))]
     if not candidates:
         return []
-    return candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+    return [candidates[int(i)] for i in torch.randint(len(candidates), (draws,), generator=generator)]
+
+
+MAX_HINT_NOTIONS, MAX_NOTION_CHARS = 8, 80  # a hint is model-written text put in a prompt: keep it short
+
+
+def hint_text(prediction: MetaPrediction, notions_template: str, length_template: str = "") -> str:
+    """The text a hint appends to the solution prompt: `notions_template` with {notions} (at most
+    MAX_HINT_NOTIONS, each cut to MAX_NOTION_CHARS), then `length_template` with {length} when given
+    and the prediction has a length."""
+    text = ""
+    if prediction.notions:
+        notions = [n[:MAX_NOTION_CHARS] for n in prediction.notions[:MAX_HINT_NOTIONS]]
+        text += notions_template.replace("{notions}", ", ".join(notions))
+    if length_template and prediction.solution_length is not None:
+        text += length_template.replace("{length}", str(prediction.solution_length))
+    return text
 
 
 def select_expert(meta_scores: list[float], threshold: float) -> int | None:
@@ -246,34 +264,44 @@ def uninformative_meta_target(rng, group_size: int, max_length: int, notions: li
 # ---------------------------------------------------------------------------------------------------
 # The stages of one step, over its records (train.collect calls them in this order)
 
-MAX_HINT_NOTIONS, MAX_NOTION_CHARS = 8, 80  # a hint is model-written text put in a prompt: keep it short
+def hint_start_step(efficient) -> int:
+    """The first step with notion hints: efficient.hint_start_step, or gate_start_step when that is -1."""
+    return efficient.gate_start_step if efficient.hint_start_step < 0 else efficient.hint_start_step
 
 
-def steer(prompts: list[Prompt], meta: list[Episode], efficient, group_size: int, max_response_tokens: int,
-          hint_seeds: list[int]):
+def steer(prompts: list[Prompt], meta: list[Episode], efficient, step: int, group_size: int,
+          max_response_tokens: int, hint_seeds: list[int], templates):
     """MASA-efficient, once its meta rollouts have run first: from each prompt's M predictions set
-    `gated` (gate), `budget` (cutoff_budgets) and `hint` (hint_notions, drawn with its prompt's seed
-    from `hint_seeds`), each as `efficient` (config.EfficientConfig) switches it on."""
+    `gated` (gate) and `budget` (cutoff_budgets) from efficient.gate_start_step on, and `hints`
+    (hint_predictions, drawn with the prompt's seed from `hint_seeds`, written with hint_text and the
+    `templates` of config.PromptConfig) from hint_start_step on, each as `efficient`
+    (config.EfficientConfig) switches it on."""
     predictions = [[e.prediction for e in meta if e.prompt_index == p.index] for p in prompts]
-    if efficient.gating:
+    if efficient.gating and step >= efficient.gate_start_step:
         rates = [predicted_pass_rates(ps, group_size) for ps in predictions]
         for prompt, gated in zip(prompts, gate(rates, efficient.gate_std, efficient.gate_eps)):
             prompt.gated = gated
-    if efficient.cutoff:
+    if efficient.cutoff and step >= efficient.gate_start_step:
         lengths = [[p.solution_length if p else None for p in ps] for ps in predictions]
         for prompt, budget in zip(prompts, cutoff_budgets(lengths, efficient.cutoff_factor, max_response_tokens)):
             prompt.budget = budget
-    if efficient.hints:
+    if efficient.hints and step >= hint_start_step(efficient):
+        draws = group_size if efficient.hint_mode == "rollout" else 1
+        length_template = templates.hint_length if efficient.hint_with_length else ""
         for prompt, ps, hint_seed in zip(prompts, predictions, hint_seeds):
-            drawn = hint_notions(ps, torch.Generator().manual_seed(hint_seed))
-            prompt.hint = [n[:MAX_NOTION_CHARS] for n in drawn[:MAX_HINT_NOTIONS]]
+            drawn = hint_predictions(ps, torch.Generator().manual_seed(hint_seed), draws, efficient.hint_with_length)
+            prompt.hints = [hint_text(p, templates.hint, length_template) for p in drawn]
 
 
-def score_solutions(solutions: list[Episode]):
+def score_solutions(solutions: list[Episode], cutoff_in_loss: bool = True):
     """Solution reward: 1 if the graded answer is correct and the rollout was not stopped at its
-    cutoff budget (a cut rollout earns 0 whatever it wrote), else 0."""
+    cutoff budget (a cut rollout earns 0 whatever it wrote), else 0. With cutoff_in_loss False a cut
+    rollout also leaves the loss: its 0 still counts in its group's mean and std, but it carries no
+    gradient and no token of it enters the normalizer."""
     for e in solutions:
-        e.reward = float(e.correct and e.finish_reason != "cutoff")
+        cut = e.finish_reason == "cutoff"
+        e.reward = float(e.correct and not cut)
+        e.in_loss = cutoff_in_loss or not cut
 
 
 def score_meta(prompts: list[Prompt], solutions: list[Episode], meta: list[Episode], group_size: int,
@@ -310,14 +338,19 @@ def assign_advantages(solutions: list[Episode], meta: list[Episode], group_size:
 
 
 def expert_targets(prompts: list[Prompt], solutions: list[Episode], meta: list[Episode],
-                   threshold: float) -> list[tuple[Prompt, str]]:
-    """Behaviour cloning's experts: per prompt, its best-scoring parseable meta rollout if the score
-    reaches `threshold` and at least one solution rollout earned its reward (else the true length is
+                   threshold: float, select: str = "score") -> list[tuple[Prompt, str]]:
+    """Behaviour cloning's experts: per prompt, its best parseable meta rollout by `select` ("score":
+    the meta reward, here; "notion": its notion part alone, the released code's rule) if that reaches
+    `threshold` and at least one solution rollout earned its reward (else the true length is
     unknown). Returns (prompt, target text) pairs, the true statistics filled in by expert_target."""
+    if select not in ("score", "notion"):
+        raise ValueError(f"unknown expert selection {select!r}; use score or notion")
     experts = []
     for prompt in prompts:
         scored = [e for e in meta if e.prompt_index == prompt.index and e.in_loss]
-        best = select_expert([e.reward if e.prediction is not None else -1.0 for e in scored], threshold)
+        value = [(e.reward if select == "score" else e.meta_parts["notion"]) if e.prediction is not None else -1.0
+                 for e in scored]
+        best = select_expert(value, threshold)
         lengths = [len(e.response_ids) for e in solutions if e.prompt_index == prompt.index and e.reward > 0]
         if best is not None and lengths:
             expert = scored[best]

@@ -182,7 +182,8 @@ class _Sequence:
 @torch.no_grad()
 def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
              budgets: list[int | None] | None = None, seed: int | None = None, *,
-             counts: list[int] | None = None, streams: list[int] | None = None, slots: int | None = None,
+             counts: list[int] | None = None, streams: list[int] | None = None,
+             first_samples: list[int] | None = None, slots: int | None = None,
              kv_tokens: int | None = None, sync_every: int | None = None, graphs: bool | None = None,
              progress: bool = False, stats: dict | None = None) -> list[list[Rollout]]:
     """Sample `params.n` continuations of every prompt (lists of token ids).
@@ -193,6 +194,9 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         budget before max_new_tokens and before a stop token ends with finish_reason "cutoff".
     streams: optional per-prompt stream ids for the sampling noise (default: the prompt's index);
         the trainer passes global prompt indices, so that tokens do not depend on the ranks.
+    first_samples: optional per-prompt number of its first sample (default 0): sample j of prompt i
+        draws the noise of sample first_samples[i] + j of its stream (per-rollout hints give each
+        rollout a prompt of its own and keep the noise it would have had as sample j of one prompt).
     slots: lanes, the most sequences decoded at once (default 256, never more than the samples).
     kv_tokens: positions the KV pool holds (default: KV_MEMORY_FRACTION of the free GPU memory; on a
         CPU, enough for every lane at the full budget).
@@ -214,9 +218,12 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     streams = list(range(len(prompts))) if streams is None else list(streams)
     if len(streams) != len(prompts):
         raise ValueError("streams must give one stream id per prompt")
+    first_samples = [0] * len(prompts) if first_samples is None else list(first_samples)
+    if len(first_samples) != len(prompts) or any(f < 0 for f in first_samples):
+        raise ValueError("first_samples must give one sample number (>= 0) per prompt")
     if not any(counts):
         return [[] for _ in prompts]
-    engine = _Engine(model, prompts, params, budgets, counts, streams,
+    engine = _Engine(model, prompts, params, budgets, counts, streams, first_samples,
                      random.getrandbits(62) if seed is None else seed, slots, kv_tokens, sync_every, graphs, progress)
     results = engine.run()
     if stats is not None:
@@ -229,7 +236,7 @@ class _Engine:
     holds a sequence or is free), the work queue, and the per-lane tensors the decode loop updates on
     the device. `run` is the loop; admit / grow / preempt / harvest are the host's work at each sync."""
 
-    def __init__(self, model, prompts, params, budgets, counts, streams, seed, lanes, kv_tokens, sync_every, graphs,
+    def __init__(self, model, prompts, params, budgets, counts, streams, first_samples, seed, lanes, kv_tokens, sync_every, graphs,
                  progress):
         self.model, self.prompts, self.params, self.seed = model, prompts, params, seed
         self.max_new = params.max_new_tokens
@@ -264,7 +271,7 @@ class _Engine:
         self.blocks = BlockPool(blocks)
         self.sequences: list[_Sequence | None] = [None] * S
         self.results: list[list[Rollout | None]] = [[None] * c for c in counts]
-        self.streams = streams
+        self.streams, self.first_samples = streams, first_samples
         self.admissions = 0
         self.steps = 0
         self.counters = EngineStats()
@@ -470,7 +477,7 @@ class _Engine:
         self.grow(s)
         self.token[lane], self.pos[lane], self.count[lane] = next_token, s.length, len(s.tokens)
         self.budget[lane], self.active[lane], self.finish[lane] = self.budgets[p], True, 0
-        self.stream[lane], self.sample_id[lane] = self.streams[p], s.sample
+        self.stream[lane], self.sample_id[lane] = self.streams[p], self.first_samples[p] + s.sample
 
     def preempt(self, s: _Sequence):
         """Free a running sequence's blocks and queue it first again, keeping what it generated; it is

@@ -98,8 +98,11 @@ def sampling_params(cfg: Config, tokenizer) -> SamplingParams:
 
 
 def steers(cfg: Config, step: int) -> bool:
-    """Whether the meta predictions steer this step's solution path (MASA-efficient, once trained)."""
-    return cfg.algorithm == "masa_efficient" and step >= cfg.efficient.gate_start_step
+    """Whether the meta predictions steer this step's solution path (MASA-efficient, once trained:
+    from efficient.gate_start_step on, or earlier for hints with an earlier hint start)."""
+    e = cfg.efficient
+    return cfg.algorithm == "masa_efficient" and (
+        step >= e.gate_start_step or (e.hints and step >= masa.hint_start_step(e)))
 
 
 def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: GraderPool,
@@ -112,12 +115,13 @@ def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: Gra
     sampled = time.perf_counter()
     grades = grade(solutions, prompts, pool)
     seconds = {"time_rollout": sampled - started, "time_grading": time.perf_counter() - sampled}
-    masa.score_solutions(solutions)
+    masa.score_solutions(solutions, cfg.efficient.cutoff_in_loss)
     masa.score_meta(prompts, solutions, meta, G, cfg.meta.pass_rate_base)
     masa.assign_advantages(solutions, meta, G, M, env.device)
     experts = []
     if cfg.algorithm == "masa_efficient" and cfg.efficient.behaviour_cloning:
-        for prompt, target in masa.expert_targets(prompts, solutions, meta, cfg.efficient.bc_threshold):
+        for prompt, target in masa.expert_targets(prompts, solutions, meta, cfg.efficient.bc_threshold,
+                                                  cfg.efficient.bc_select):
             ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
             experts.append((step, prompt.index, prompt.meta_ids, ids))
     audited = {}
@@ -144,33 +148,53 @@ def sample_step(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer,
     G, M = cfg.rollout.group_size, cfg.rollout.meta_group_size
     seed = partial(seed_for, cfg, step, 0)  # the same on every rank: the streams tell sequences apart
     run = partial(sample, cfg, actor, tokenizer)
+    meta_requests = [(p, "meta", p.meta_ids, M, 0) for p in prompts]
     if steers(cfg, step):
-        meta = run([(p, "meta", M) for p in prompts], seed(SEED_JOINT))
+        meta = run(meta_requests, seed(SEED_JOINT))
         hint_seeds = [seed_for(cfg, step, p.index, SEED_HINTS) for p in prompts]  # per prompt: rank-free
-        masa.steer(prompts, meta, cfg.efficient, G, cfg.rollout.max_response_tokens, hint_seeds)
+        masa.steer(prompts, meta, cfg.efficient, step, G, cfg.rollout.max_response_tokens, hint_seeds, cfg.prompt)
         for p in prompts:
-            p.solution_ids = solution_prompt_ids(tokenizer, cfg, p.problem, p.hint)
-        return run([(p, "solution", 0 if p.gated else G) for p in prompts], seed(SEED_SOLUTION)), meta
+            hinted = [solution_prompt_ids(tokenizer, cfg, p.problem, hint) for hint in p.hints]
+            if len(hinted) == 1:
+                p.solution_ids = hinted[0]
+            elif hinted:
+                p.rollout_ids = hinted
+        requests = [(p, path, ids, 0 if p.gated else n, first) for p, path, ids, n, first in solution_requests(prompts, G)]
+        return run(requests, seed(SEED_SOLUTION)), meta
     if cfg.algorithm == "grpo":
-        return run([(p, "solution", G) for p in prompts], seed(SEED_SOLUTION)), []
-    both = run([(p, "meta", M) for p in prompts] + [(p, "solution", G) for p in prompts], seed(SEED_JOINT))
+        return run(solution_requests(prompts, G), seed(SEED_SOLUTION)), []
+    both = run(meta_requests + solution_requests(prompts, G), seed(SEED_JOINT))
     return [e for e in both if e.path == "solution"], [e for e in both if e.path == "meta"]
 
 
-def sample(cfg: Config, actor: Qwen3, tokenizer, requests: list[tuple[Prompt, str, int]], seed: int) -> list[Episode]:
-    """One sampler call for (prompt, path, count) requests: their episodes in request order, each
-    response decoded once and, on the meta path, parsed once. Solution rollouts get their prompt's
-    cutoff budget."""
-    ids = [p.meta_ids if path == "meta" else p.solution_ids for p, path, _ in requests]
-    budgets = [p.budget if path == "solution" else None for p, path, _ in requests]
+def solution_requests(prompts: list[Prompt], G: int) -> list[tuple[Prompt, str, list[int], int, int]]:
+    """The solution path's sampler requests, (prompt, "solution", prompt ids, count, first sample): one
+    of G samples per prompt, or one per rollout when its rollouts have prompts of their own (per-rollout
+    hints), rollout j as sample j of the prompt's stream: the same noise either way."""
+    out = []
+    for p in prompts:
+        if p.rollout_ids:
+            out += [(p, "solution", ids, 1, j) for j, ids in enumerate(p.rollout_ids)]
+        else:
+            out.append((p, "solution", p.solution_ids, G, 0))
+    return out
+
+
+def sample(cfg: Config, actor: Qwen3, tokenizer, requests: list[tuple[Prompt, str, list[int], int, int]],
+           seed: int) -> list[Episode]:
+    """One sampler call for (prompt, path, prompt ids, count, first sample) requests: their episodes in
+    request order, each response decoded once and, on the meta path, parsed once. Solution rollouts get
+    their prompt's cutoff budget."""
+    budgets = [p.budget if path == "solution" else None for p, path, *_ in requests]
     # A sequence's sampling noise is keyed by (seed, stream, sample, position): streams are global
     # prompt indices (x2, + 1 on the solution path), so no rank or batch composition changes a token.
-    streams = [2 * p.index + (path == "solution") for p, path, _ in requests]
-    rollouts = generate(actor, ids, sampling_params(cfg, tokenizer), budgets=budgets, seed=seed,
-                        counts=[n for _, _, n in requests], streams=streams, slots=cfg.rollout.slots or None,
-                        kv_tokens=cfg.rollout.kv_tokens or None, graphs=None if cfg.rollout.cuda_graphs else False)
+    streams = [2 * p.index + (path == "solution") for p, path, *_ in requests]
+    rollouts = generate(actor, [r[2] for r in requests], sampling_params(cfg, tokenizer), budgets=budgets, seed=seed,
+                        counts=[r[3] for r in requests], streams=streams, first_samples=[r[4] for r in requests],
+                        slots=cfg.rollout.slots or None, kv_tokens=cfg.rollout.kv_tokens or None,
+                        graphs=None if cfg.rollout.cuda_graphs else False)
     episodes = []
-    for (prompt, path, _), prompt_ids, group in zip(requests, ids, rollouts):
+    for (prompt, path, prompt_ids, _, _), group in zip(requests, rollouts):
         for r in group:
             text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
             prediction = parse_meta(text, cfg.rollout.group_size, cfg.rollout.max_response_tokens) \
@@ -203,10 +227,13 @@ def audit(cfg: Config, actor, tokenizer, pool, seeds: tuple[int, int], prompts: 
     gated = [p for p in prompts if p.gated]
     zero_variance = 0
     if gated:
-        rollouts = generate(actor, [p.solution_ids for p in gated], params, seed=seeds[0], counts=[G] * len(gated))
-        for p, group in zip(gated, rollouts):
-            texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in group]
-            zero_variance += len(set(grade_batch(texts, [p.answer] * len(texts), pool).correct)) == 1
+        requests = solution_requests(gated, G)
+        rollouts = generate(actor, [r[2] for r in requests], params, seed=seeds[0], counts=[r[3] for r in requests])
+        texts = {p.index: [] for p in gated}
+        for (p, *_), group in zip(requests, rollouts):
+            texts[p.index] += [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in group]
+        for p in gated:
+            zero_variance += len(set(grade_batch(texts[p.index], [p.answer] * G, pool).correct)) == 1
     cut = [e for e in solutions if e.finish_reason == "cutoff"]
     wrong = 0
     if cut:
@@ -464,8 +491,7 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
         reference = Qwen3.from_pretrained(model_path, dtype=low, device=env.device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
-    warmup = max(1, cfg.optim.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, cfg.optim))
     run = Run(tokenizer, problems, policy, actor, reference, optimizer, scheduler)
     resumed = checkpoints.load(cfg, env.rank, policy, optimizer, scheduler, resuming)
     if resumed:
@@ -486,6 +512,15 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
 
 class RunStopped(Exception):
     """The run cannot usefully go on; the message says why and where to pick up (printed without a traceback)."""
+
+
+def warmup_factor(optim, step: int) -> float:
+    """The learning-rate factor of optimizer step `step` (from 0): linear warmup over
+    optim.warmup_steps, (step + 1) / warmup_steps, or step / warmup_steps with optim.warmup_from_zero
+    (the released code's: its first step has lr 0); 1 after the warmup."""
+    if optim.warmup_steps == 0:
+        return 1.0
+    return min(1.0, (step + (0 if optim.warmup_from_zero else 1)) / optim.warmup_steps)
 
 
 def check_sizes(cfg: Config, env: Env):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from config import Config, ConfigError, load_config
-from masa import (LossScale, cutoff_budgets, expert_target, gate, group_advantages, hint_notions, meta_prompt, policy_loss, predicted_pass_rates,
-                  select_expert, solution_prompt, uninformative_meta_target)
+from masa import (LossScale, cutoff_budgets, expert_target, gate, group_advantages, hint_predictions, hint_text,
+                  meta_prompt, policy_loss, predicted_pass_rates, select_expert, solution_prompt,
+                  uninformative_meta_target)
 from rewards import MetaPrediction, parse_meta
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,15 +133,60 @@ def test_cutoff_budgets_use_the_median_prediction():
 
 def test_hint_picks_one_prediction_that_has_notions():
     preds = [None, MetaPrediction(1, 2, []), MetaPrediction(1, 2, ["carry"]), MetaPrediction(1, 2, ["borrow"])]
-    picks = {tuple(hint_notions(preds, torch.Generator().manual_seed(s))) for s in range(20)}
+    picks = {tuple(p.notions) for s in range(20) for p in hint_predictions(preds, torch.Generator().manual_seed(s))}
     assert picks == {("carry",), ("borrow",)}
-    assert hint_notions([None, MetaPrediction(1, 2, [])], torch.Generator()) == []
+    assert hint_predictions([None, MetaPrediction(1, 2, [])], torch.Generator()) == []
+    # with the length, a prediction that gave only a length is a candidate too
+    assert hint_predictions([None, MetaPrediction(1, 2, [])], torch.Generator(), with_length=True) == \
+        [MetaPrediction(1, 2, [])]
+
+
+def test_per_rollout_hints_draw_one_prediction_per_rollout():
+    preds = [MetaPrediction(1, 10 * k, [f"notion{k}"]) for k in range(5)]
+    one = hint_predictions(preds, torch.Generator().manual_seed(3), draws=1)
+    many = hint_predictions(preds, torch.Generator().manual_seed(3), draws=16)
+    assert len(many) == 16 and many[0] == one[0]  # the shared hint is the first per-rollout draw
+    assert len({p.solution_length for p in many}) > 1  # 16 draws from 5 are not all the same (seed 3)
+
+
+def test_hint_text_with_and_without_the_length():
+    cfg = Config()
+    p = MetaPrediction(3, 250, ["modular arithmetic", "x" * 100] + [f"n{i}" for i in range(10)])
+    notions = ", ".join(["modular arithmetic", "x" * 80] + [f"n{i}" for i in range(6)])  # 8 kept, 80 chars each
+    assert hint_text(p, cfg.prompt.hint) == f" Notions that may help: {notions}."
+    assert hint_text(p, cfg.prompt.hint, cfg.prompt.hint_length) == \
+        f" Notions that may help: {notions}. A correct solution takes about 250 tokens."
+    assert hint_text(MetaPrediction(3, 250, []), cfg.prompt.hint, cfg.prompt.hint_length) == \
+        " A correct solution takes about 250 tokens."
 
 
 def test_expert_is_the_best_meta_rollout_above_the_threshold():
     assert select_expert([0.2, 0.95, 0.95, 0.4], threshold=0.9) == 1  # first of the tied best
     assert select_expert([0.2, 0.85], threshold=0.9) is None
     assert select_expert([], threshold=0.0) is None
+
+
+def test_the_expert_rule_picks_by_the_meta_reward_or_by_the_notion_part():
+    from masa import Episode, Prompt, expert_targets
+
+    prompt = Prompt(0, "What is 7+8?", "15")
+    solutions = [Episode(0, "solution", [1], [2] * n, reward=r) for n, r in ((30, 1.0), (50, 1.0), (9, 0.0))]
+    # m0: best meta reward, weak notions; m1: perfect notions, poor reward; m2: unparseable
+    meta = [Episode(0, "meta", [1], [3], "<meta>a</meta>", prediction=MetaPrediction(2, 40, ["sum"]), reward=0.8,
+                    meta_parts={"pass_rate": 1.0, "length": 1.0, "notion": 0.4}),
+            Episode(0, "meta", [1], [3], "<meta>b</meta>", prediction=MetaPrediction(0, 5, ["carry"]), reward=0.34,
+                    meta_parts={"pass_rate": 0.01, "length": 0.0, "notion": 1.0}),
+            Episode(0, "meta", [1], [3], "junk", prediction=None, reward=0.0,
+                    meta_parts={"pass_rate": 0.0, "length": 0.0, "notion": 0.0})]
+    target = '\n{"math_notion": [%s], "pass_rate": 2, "solution_length": 40}'  # 2 correct, median of 30 and 50
+    assert expert_targets([prompt], solutions, meta, 0.5) == [(prompt, "<meta>a</meta>" + target % '"sum"')]
+    assert expert_targets([prompt], solutions, meta, 0.2, "notion") == [(prompt, "<meta>b</meta>" + target % '"carry"')]
+    assert expert_targets([prompt], solutions, meta, 0.9) == []  # 0.8 is below
+    assert expert_targets([prompt], solutions, meta, 0.9, "notion") != []  # 1.0 is not
+    # no correct solution rollout: the true length is unknown, no expert under either rule
+    assert expert_targets([prompt], solutions[2:], meta, 0.2, "notion") == []
+    with pytest.raises(ValueError, match="use score or notion"):
+        expert_targets([prompt], solutions, meta, 0.2, "total")
 
 
 def test_expert_target_parses_back_to_the_same_values():
@@ -175,7 +221,8 @@ def test_solution_prompt_with_and_without_a_hint():
     cfg = Config()
     plain = solution_prompt("What is 2+2?", cfg.prompt.solution)
     assert plain == r"What is 2+2? Let's think step by step and output the final answer within \boxed{}."
-    hinted = solution_prompt("What is 2+2?", cfg.prompt.solution, ["addition", "carry"], cfg.prompt.hint)
+    hinted = solution_prompt("What is 2+2?", cfg.prompt.solution,
+                             hint_text(MetaPrediction(1, None, ["addition", "carry"]), cfg.prompt.hint))
     assert hinted == plain + " Notions that may help: addition, carry."
 
 

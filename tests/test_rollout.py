@@ -295,6 +295,18 @@ def test_a_sequence_samples_its_own_stream(float64_model):
     assert [r.token_ids for r in other[0]] != [r.token_ids for r in alone[0]]
 
 
+def test_first_samples_continue_a_prompts_draws(float64_model):
+    # per-rollout hints: G requests of one sample each, rollout j as sample j of the prompt's stream
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12)
+    together = generate(float64_model, [[4, 5, 6]], params, seed=2, streams=[7])
+    apart = generate(float64_model, [[4, 5, 6]] * 4, params, seed=2, streams=[7] * 4, counts=[1] * 4,
+                     first_samples=[0, 1, 2, 3])
+    assert [rs[0].token_ids for rs in apart] == [r.token_ids for r in together[0]]
+    assert len({tuple(r.token_ids) for r in together[0]}) > 1  # the samples do differ
+    with pytest.raises(ValueError, match="first_samples must give one sample number"):
+        generate(float64_model, [[4, 5, 6]], params, first_samples=[-1])
+
+
 def test_a_pool_too_small_for_one_sequence_is_refused_with_the_memory_it_needs(pair):
     _, model = pair
     # 19 prefilled positions + a 30-token budget = 49 positions: 4 blocks, and the prompt's partial

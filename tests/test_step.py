@@ -57,13 +57,15 @@ class ScriptedSampler:
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, []
 
-    def __call__(self, model, prompts, params, budgets=None, seed=None, *, counts=None, **kwargs):
+    def __call__(self, model, prompts, params, budgets=None, seed=None, *, counts=None, first_samples=None, **kwargs):
         counts = counts or [params.n] * len(prompts)
         budgets = budgets or [None] * len(prompts)
+        first_samples = first_samples or [0] * len(prompts)
         texts = [self.tokenizer.decode(p) for p in prompts]
-        self.calls.append({"prompts": texts, "counts": list(counts), "budgets": list(budgets)})
-        return [[self.rollout(text, j, budget, params.max_new_tokens) for j in range(n)]
-                for text, n, budget in zip(texts, counts, budgets)]
+        self.calls.append({"prompts": texts, "counts": list(counts), "budgets": list(budgets),
+                           "first_samples": list(first_samples)})
+        return [[self.rollout(text, first + j, budget, params.max_new_tokens) for j in range(n)]
+                for text, n, budget, first in zip(texts, counts, budgets, first_samples)]
 
     def rollout(self, prompt: str, j: int, budget, max_new: int) -> Rollout:
         user, so_far = prompt.split("<|im_start|>assistant\n")
@@ -218,6 +220,73 @@ def test_step_metrics(step, one_process_group):
     }
     assert {k: record[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert record["meta_tokens"] == sum(len(text) + 1 for texts in META.values() for text in texts)  # gated ones too
+
+
+# ---------------------------------------------------------------------------------------------------
+# The released code's switches (configs/qwen3_8b_released.yaml) on the same script
+
+RELEASED = ["efficient.hint_mode=rollout", "efficient.hint_with_length=true", "efficient.cutoff_in_loss=false",
+            "efficient.bc_select=notion", "efficient.bc_threshold=0.2"]
+
+
+def collect_scripted(tmp_path_factory, overrides, step=0):
+    tokenizer = build_char_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    cfg = load_config(CONFIG, ["algorithm=masa_efficient", f"rollout.group_size={G}", f"rollout.meta_group_size={M}",
+                               f"rollout.max_response_tokens={BUDGET}", "train.batch_size=4"] + overrides)
+    sampler = ScriptedSampler(tokenizer)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "generate", sampler)
+        patch.setattr(train, "grade_batch", scripted_grades)
+        data = train.collect(cfg, step, Env(0, 1, torch.device("cpu")), None, tokenizer, None, PROBLEMS)
+    return cfg, sampler, data
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    return collect_scripted(tmp_path_factory, RELEASED)
+
+
+def test_per_rollout_hints_give_each_rollout_its_own_drawn_prediction(released):
+    cfg, sampler, data = released
+    call = sampler.calls[1]
+    # one request per rollout (the gated P0 and P3 get none), rollout j as sample j of its prompt's stream
+    assert call["counts"] == [0] * G + [1] * G + [1] * G + [0] * G and call["first_samples"] == list(range(G)) * 4
+    p1, p2 = call["prompts"][G:2 * G], call["prompts"][2 * G:3 * G]
+    # P1's candidates: m0 (notions and length 12) and m1 (length 4 only; m2 is unparseable)
+    texts = [" Notions that may help: carry. A correct solution takes about 12 tokens.",
+             " A correct solution takes about 4 tokens."]
+    draws = torch.randint(2, (G,), generator=torch.Generator().manual_seed(train.seed_for(cfg, 0, 1, train.SEED_HINTS)))
+    assert [p.split("\\boxed{}.", 1)[1] for p in p1] == \
+        [texts[int(d)] + "<|im_end|>\n<|im_start|>assistant\n" for d in draws]
+    assert len(set(p1)) > 1  # the G solution prompts of one prompt differ (this seed draws both)
+    assert all(p.endswith(" Notions that may help: addition. A correct solution takes about 20 tokens."
+                          "<|im_end|>\n<|im_start|>assistant\n") for p in p2)
+    # each rollout still samples what it would have as sample j of one request: the same script outcomes
+    assert [e.reward for e in episodes(data, "solution", 1)] == [1.0, 0.0, 0.0, 1.0]
+    assert [e.prompt_ids for e in episodes(data, "solution", 1)] == \
+        [sampler.tokenizer.encode(p, add_special_tokens=False) for p in p1]
+
+
+def test_cut_rollouts_out_of_the_loss_still_count_in_their_group(released):
+    _, _, data = released
+    p1 = episodes(data, "solution", 1)
+    assert [e.finish_reason for e in p1] == ["stop", "cutoff", "cutoff", "stop"]
+    assert [e.in_loss for e in p1] == [True, False, False, True]
+    s1 = math.sqrt(1 / 3) + 1e-6  # the group's statistics are those of rewards [1, 0, 0, 1], as before
+    assert [e.advantage for e in p1] == pytest.approx([0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1], abs=1e-6)
+    assert all(e.in_loss for e in episodes(data, "solution", 2))  # nothing cut there
+
+
+def test_hints_can_start_before_gating_and_cutoff(tmp_path_factory):
+    _, sampler, data = collect_scripted(tmp_path_factory, ["efficient.gate_start_step=1", "efficient.hint_start_step=0"])
+    meta_call, solution_call = sampler.calls[0], sampler.calls[1]
+    assert meta_call["counts"] == [M] * 4 and solution_call["counts"] == [G] * 4  # sampled in turn; none gated
+    assert solution_call["budgets"] == [None] * 4  # no cutoff before gate_start_step
+    assert solution_call["prompts"][1].endswith("Notions that may help: carry.<|im_end|>\n<|im_start|>assistant\n")
+    # hints with gating (-1): at step 0 nothing steers, so both paths share one sampler call and no hint
+    _, sampler, _ = collect_scripted(tmp_path_factory, ["efficient.gate_start_step=1"])
+    assert len(sampler.calls) == 1 and sampler.calls[0]["counts"] == [M] * 4 + [G] * 4
+    assert not any("Notions" in p for p in sampler.calls[0]["prompts"])
 
 
 @pytest.fixture(scope="module")
