@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import string
+import sys
 from pathlib import Path
 
 from masa import meta_prompt, solution_prompt, uninformative_meta_target
@@ -52,15 +53,21 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, row {number}: not valid JSON ({e})") from e
-    problems = []
+    problems, blank = [], []
     for number, row in enumerate(rows, 1):
         for key in (problem_key, answer_key):
             if not isinstance(row, dict) or row.get(key) is None:
                 raise ValueError(f"{path}, row {number}: missing field {key!r}; rows need {problem_key!r} and "
                                  f"{answer_key!r} (set data.problem_key / data.answer_key for other names)")
+        if not str(row[answer_key]).strip():  # nothing to grade against (rewards.has_content)
+            blank.append(str(row.get("id", f"row {number}")))
+            continue
         problems.append({**row, "problem": str(row[problem_key]), "answer": str(row[answer_key])})
+    if blank:
+        print(f"warning: {path}: skipped {len(blank)} row(s) whose {answer_key!r} is blank, so no answer could be "
+              f"graded right: {', '.join(blank[:5])}{', ...' if len(blank) > 5 else ''}", file=sys.stderr)
     if not problems:
-        raise ValueError(f"{path} holds no problems")
+        raise ValueError(f"{path} holds no problems" + (" with an answer" if blank else ""))
     return problems
 
 

@@ -10,6 +10,8 @@ process machinery, and nothing in it decides what a correct answer is.
 - math-verify's own signal-based timeouts are switched off in the workers (they raise outside the
   main thread, and a blanket except would then silently score 0); the pool's timeout replaces them.
 - Every request carries an id, so a late reply can never be taken for another item's verdict.
+- A worker dies with the process that started it (_exit_with_parent), so killing a trainer with
+  SIGKILL mid-grade leaves no worker computing on.
 - Workers are plain subprocesses speaking JSON lines (`serve`), not multiprocessing, so that the pool
   works whatever the caller's __main__ looks like.
 """
@@ -19,9 +21,11 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections import deque
@@ -31,10 +35,13 @@ DEFAULT_TIMEOUT = 5.0  # seconds per symbolic check
 WORKER_MEMORY_BYTES = 4 << 30  # address-space cap of each grading worker
 
 
-def serve():
-    """Worker main loop (`python -c "import grader_pool; grader_pool.serve()"`): cap memory, import the
-    heavy libraries, say ready, then answer each JSON line [request id, pred, gold] with one JSON line
-    [request id, "ok", verdict of rewards.symbolic_equal] or [request id, "error", message]."""
+def serve(parent: int | None = None):
+    """Worker main loop (`python -c "import grader_pool; grader_pool.serve()"`): die with `parent`,
+    cap memory, import the heavy libraries, say ready, then answer each JSON line [request id, pred,
+    gold] with one JSON line [request id, "ok", verdict of rewards.symbolic_equal] or
+    [request id, "error", message]."""
+    if parent is not None:
+        _exit_with_parent(parent)
     try:
         import resource
 
@@ -56,6 +63,28 @@ def serve():
         except BaseException as e:  # noqa: BLE001 (a MemoryError or RecursionError is a verdict too)
             reply = [seq, "error", f"{type(e).__name__}: {e}"[:200]]
         print(json.dumps(reply), flush=True)
+
+
+def _exit_with_parent(parent: int):
+    """Make this worker die when the process that started it does, even mid-computation: a killed
+    trainer must not leave workers grading a tower of exponents for minutes. On Linux the kernel sends
+    SIGKILL (PR_SET_PDEATHSIG; strictly, when the thread that started the worker ends: a pool driven
+    from a thread that exits loses its workers and starts new ones). Elsewhere a daemon thread
+    polls the parent pid each second."""
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
+            raise OSError("prctl failed")
+    except (OSError, AttributeError):  # not Linux
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(0)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(0)
 
 
 def symbolic_available() -> bool:
@@ -84,7 +113,7 @@ class _Worker:
 
     def __init__(self):
         here = os.path.dirname(os.path.abspath(__file__))
-        code = f"import sys; sys.path.insert(0, {here!r}); import grader_pool; grader_pool.serve()"
+        code = f"import sys; sys.path.insert(0, {here!r}); import grader_pool; grader_pool.serve({os.getpid()})"
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty worker can never block on it
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.stderr, text=True)

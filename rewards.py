@@ -220,7 +220,7 @@ def grade_batch(responses: list[str], answers: list[str], pool: GraderPool | Non
     correct = [False] * len(responses)
     symbolic = []
     for i, (pred, gold) in enumerate(zip(extracted, answers)):
-        if pred is None or len(pred) > MAX_ANSWER_CHARS:
+        if pred is None or len(pred) > MAX_ANSWER_CHARS or not has_content(pred) or not has_content(gold):
             continue
         verdict = quick_verdict(pred, gold)
         if verdict is None:
@@ -238,6 +238,13 @@ def grade_batch(responses: list[str], answers: list[str], pool: GraderPool | Non
 
 
 _CONSTANT = re.compile(r"\\(?:mathrm|text|operatorname)\{\s*([ie])\s*\}")  # \mathrm{i}: the number i
+
+
+def has_content(answer: str) -> bool:
+    """Whether an answer says anything: a letter, a digit or a LaTeX command (\\infty, \\emptyset)
+    once normalized. A blank or punctuation-only answer (\\boxed{}, \\boxed{.}) is never correct, and a
+    blank gold answer grades nothing as correct: otherwise an empty box would earn the reward."""
+    return re.search(r"[^\W_]|\\[a-zA-Z]", normalize(answer)[0]) is not None
 
 
 def _clean(answer: str) -> str:
