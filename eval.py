@@ -10,8 +10,10 @@ A benchmark is a name looked up as <data-dir>/<name>.jsonl (default ../shared/da
 exists, else data/bench) or a path to a JSONL/parquet file with "problem" and "answer" fields.
 For every benchmark it prints and writes (to --out): pass@1 (the mean over the n samples), pass@k
 by the unbiased estimator, the standard error of pass@1 across problems, the mean response length
-and the fraction of responses with no \\boxed{} answer; `samples.json` holds every response with
-its extracted answer and grade. With --meta it also draws --meta-n predictions per problem from the
+and the fraction of responses with no \\boxed{} answer; `samples/<benchmark>.json` holds every
+response with its extracted answer and grade. Each benchmark's files are written as soon as it is
+done, and a rerun into the same --out with the same settings skips the benchmarks already there
+(--redo runs them again); names, files, --out and the settings are all checked before the model loads. With --meta it also draws --meta-n predictions per problem from the
 meta prompt (stating the group size n and the response budget) and reports
 the calibration of the predicted pass rate (mean absolute error and Spearman correlation against
 the empirical one), the fraction of predicted lengths inside [min, max] of the correct responses'
@@ -269,9 +271,66 @@ def benchmark_file(name: str, data_dir: Path) -> Path:
     return data_dir / f"{name}.jsonl"
 
 
+def benchmark_label(name: str) -> str:
+    """A benchmark's key in results.json and its samples file's name: the name, or a path's stem."""
+    path = Path(name)
+    return path.stem if path.suffix in (".jsonl", ".parquet") else name
+
+
 def default_data_dir() -> Path:
     shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "bench"
     return shared if shared.is_dir() else Path("data/bench")
+
+
+# What a benchmark's results depend on: a rerun into the same --out must match these to reuse them.
+SAMPLING_SETTINGS = ("model", "n", "k", "temperature", "top_p", "max_new_tokens", "meta", "meta_n",
+                     "meta_max_new_tokens", "config", "seed")
+
+
+def completed(out: Path, settings: dict, labels: list[str], redo: bool) -> tuple[dict, str | None]:
+    """The results `out` already holds for `labels` from a run with the same SAMPLING_SETTINGS (each
+    with its samples file): those benchmarks are not run again. Returns (results by label, None), or
+    ({}, the error to stop with) when `out` holds results made otherwise. redo: reuse nothing."""
+    file = out / "results.json"
+    if redo or not file.is_file():
+        return {}, None
+    try:
+        saved = json.loads(file.read_text())
+        before, results = saved["settings"], saved["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {}, f"{file} cannot be read ({e}); remove it, pass another --out, or --redo"
+    differ = [k for k in SAMPLING_SETTINGS if before.get(k) != settings.get(k)]
+    if differ:
+        listed = ", ".join(f"{k} {before.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+        return {}, (f"{out} holds results made with other settings ({listed}); pass another --out, or --redo "
+                    f"to replace them")
+    return {label: results[label] for label in labels
+            if label in results and (out / "samples" / f"{label}.json").is_file()}, None
+
+
+def write_atomically(path: Path, text: str):
+    """Write `text` to `path` through a temporary file and a rename: a killed run leaves the old file or
+    the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, settings: dict, results: dict, ks: list[int], meta: bool) -> str:
+    """results.json (the settings and every finished benchmark's metrics, merged with what `out` held
+    from an earlier run with the same settings) and results.md; returns the markdown table."""
+    file = out / "results.json"
+    if file.is_file():
+        try:
+            earlier = json.loads(file.read_text())
+            if all(earlier["settings"].get(k) == settings.get(k) for k in SAMPLING_SETTINGS):
+                results = {**earlier["results"], **results}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: completed() said so unless --redo; replaced
+    table = markdown(results, ks, meta)
+    write_atomically(file, json.dumps({"settings": settings, "results": results}, indent=2))
+    write_atomically(out / "results.md", table + "\n")
+    return table
 
 
 def main(argv=None):
@@ -296,11 +355,51 @@ def main(argv=None):
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="decode with eager kernels (CUDA graphs are on by default on CUDA)")
+    parser.add_argument("--redo", action="store_true",
+                        help="run every benchmark, even those --out already holds complete results for")
     args = parser.parse_args(argv)
-    ks = sorted({1, *(int(k) for k in args.k.split(","))})
+    # Everything that can be wrong is checked before the model loads: no sampling is thrown away.
+    for option, value in (("--n", args.n), ("--meta-n", args.meta_n), ("--max-new-tokens", args.max_new_tokens),
+                          ("--meta-max-new-tokens", args.meta_max_new_tokens)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error(f"--temperature must be at least 0 (0 is greedy) and --top-p in (0, 1], got "
+                     f"{args.temperature} and {args.top_p}")
+    try:
+        ks = sorted({1, *(int(k) for k in args.k.split(","))})
+    except ValueError:
+        parser.error(f"--k must be comma-separated integers, got {args.k!r}")
     for k in ks:
+        if k < 1:
+            parser.error(f"--k values must be at least 1, got {k}")
         if k > args.n:
             parser.error(f"pass@{k} needs --n >= {k}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; --out names a directory for results.json, results.md and samples/")
+    data_dir = args.data_dir or default_data_dir()
+    names = [n for n in args.benchmarks.split(",") if n]
+    missing = [f"{n} ({benchmark_file(n, data_dir)})" for n in names if not benchmark_file(n, data_dir).is_file()]
+    if missing or not names:
+        there = sorted(p.stem for p in data_dir.glob("*.jsonl")) if data_dir.is_dir() else []
+        parser.error(f"benchmark file not found: {', '.join(missing) or 'none given'}; benchmarks in {data_dir}: "
+                     f"{', '.join(there) or 'none'} (or give a .jsonl/.parquet path; --data-dir sets the folder)")
+    labels = [benchmark_label(n) for n in names]
+    if len(set(labels)) < len(labels):
+        parser.error(f"two benchmarks would share a name in --out: {', '.join(labels)}")
+    try:
+        benchmarks = {label: load_problems(benchmark_file(n, data_dir)) for n, label in zip(names, labels)}
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    if not Path(args.model).is_dir() and (Path(args.model).exists() or args.model.count("/") != 1):
+        parser.error(f"--model {args.model} is neither a checkpoint directory nor a hub id (owner/name)")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    done, error = completed(args.out, settings, labels, args.redo)
+    if error:
+        parser.error(error)
+    saved = Path(args.model).parent / "config.yaml"
+    config_file = args.config or (saved if saved.is_file() else None)
+    template = load_config(config_file).prompt if config_file else PromptConfig()
 
     import torch.distributed as dist
     from transformers import AutoTokenizer
@@ -309,21 +408,26 @@ def main(argv=None):
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed:  # rank 0's view of --out decides what is left to run
+        decided = [done]
+        dist.broadcast_object_list(decided, src=0)
+        done = decided[0]
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen3.from_pretrained(args.model, dtype=dtype, device=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data_dir = args.data_dir or default_data_dir()
-    saved = Path(args.model).parent / "config.yaml"
-    config_file = args.config or (saved if saved.is_file() else None)
-    template = load_config(config_file).prompt if config_file else PromptConfig()
     if config_file and rank == 0:
         print(f"prompt templates from {config_file}")
-    results, samples = {}, {}
+    results = dict(done)
     args.progress = args.progress and rank == 0
+    if rank == 0:
+        (args.out / "samples").mkdir(parents=True, exist_ok=True)
+        for label in done:
+            print(f"{label}: complete in {args.out} from an earlier run with these settings; skipped (--redo runs it)")
     with GraderPool() as pool:
-        for name in args.benchmarks.split(","):
-            problems = load_problems(benchmark_file(name, data_dir))
+        for label, problems in benchmarks.items():
+            if label in done:
+                continue
             mine = problems[rank::world]
             records = sample_problems(model, tokenizer, mine, args, pool, args.seed, template,
                                       streams=list(range(rank, len(problems), world)),
@@ -332,18 +436,15 @@ def main(argv=None):
                 gathered = [None] * world
                 dist.all_gather_object(gathered, records)
                 records = [r for i in range(len(problems)) for r in [gathered[i % world][i // world]]]
-            results[name], samples[name] = summarize(records, args.n, ks, args.meta), records
+            results[label] = summarize(records, args.n, ks, args.meta)
+            if rank == 0:  # written as each benchmark finishes: a later failure loses none of it
+                write_atomically(args.out / "samples" / f"{label}.json", json.dumps(records))
+                write_results(args.out, settings, results, ks, args.meta)
+                if args.meta:
+                    plot_calibration(label, records, args.n, args.out)
     if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        table = markdown(results, ks, args.meta)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
-        (args.out / "samples.json").write_text(json.dumps(samples))
-        (args.out / "results.md").write_text(table + "\n")
-        if args.meta:
-            for name, records in samples.items():
-                plot_calibration(name, records, args.n, args.out)
-        print(table)
+        results = {label: results[label] for label in labels}  # the order asked for
+        print(write_results(args.out, settings, results, ks, args.meta))
     if distributed:
         dist.barrier()  # no rank tears the group down while rank 0 still writes
         dist.destroy_process_group()

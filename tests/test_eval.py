@@ -4,6 +4,7 @@ command on a tiny random model, and the loaders on the shared data and on malfor
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +108,9 @@ def test_eval_end_to_end_writes_consistent_results(tiny, tmp_path, capsys):
     main(args)
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    samples = json.loads((tmp_path / "out" / "samples.json").read_text())
     (name, metrics), = results.items()
-    records = samples[name]
+    assert name == "five"
+    records = json.loads((tmp_path / "out" / "samples" / "five.json").read_text())
     assert [r["id"] for r in records] == [f"p{a}" for a in range(5)]
     assert all(len(r["responses"]) == 3 and len(r["meta"]) == 2 for r in records)
     # recount from the per-sample grades
@@ -123,16 +124,92 @@ def test_eval_end_to_end_writes_consistent_results(tiny, tmp_path, capsys):
     assert f"| {name} | 5 | 3 | {100 * metrics['pass@1']:.2f} |" in table
     # deterministic for a seed
     main(args[:-3] + ["--out", str(tmp_path / "again"), "--no-progress"])
-    assert (tmp_path / "again" / "samples.json").read_text() == (tmp_path / "out" / "samples.json").read_text()
+    assert (tmp_path / "again" / "samples" / "five.json").read_text() == \
+        (tmp_path / "out" / "samples" / "five.json").read_text()
+
+
+def eval_args(tiny, out, benchmarks="five.jsonl"):
+    return ["--model", str(tiny / "model"), "--benchmarks", benchmarks, "--data-dir", str(tiny), "--n", "2",
+            "--temperature", "1.0", "--max-new-tokens", "6", "--out", str(out), "--no-progress"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--benchmarks": "five,nosuchbench"}, r"benchmark file not found: nosuchbench .*benchmarks in .*: five"),
+    ({"--out": "FILE"}, r"--out .* is a file"),
+    ({"--model": "no/such/checkpoint"}, r"--model no/such/checkpoint is neither a checkpoint directory nor a hub id"),
+    ({"--k": "0"}, r"--k values must be at least 1"),
+    ({"--n": "0"}, r"--n must be at least 1"),
+    ({"--top-p": "0"}, r"--top-p in \(0, 1\]"),
+    ({"--temperature": "-1"}, r"--temperature must be at least 0"),
+])
+def test_bad_arguments_stop_eval_before_any_sampling(tiny, tmp_path, monkeypatch, capsys, change, message):
+    import eval as evaluation
+
+    monkeypatch.setattr(evaluation, "sample_problems", lambda *a, **k: pytest.fail("sampled before the check"))
+    monkeypatch.setattr(evaluation.Qwen3, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
+    (tmp_path / "FILE").write_text("not a directory")
+    args = eval_args(tiny, tmp_path / "out", "five")
+    for option, value in change.items():
+        value = str(tmp_path / value) if value == "FILE" else value
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_finished_benchmarks_are_written_at_once_and_skipped_by_a_rerun(tiny, tmp_path, monkeypatch, capsys):
+    import eval as evaluation
+
+    (tiny / "six.jsonl").write_text((tiny / "five.jsonl").read_text() + json.dumps(
+        {"id": "p5", "problem": "What is 5+1?", "answer": "6"}) + "\n")
+    reference = tmp_path / "reference"
+    main(eval_args(tiny, reference, "five,six"))
+    real = evaluation.sample_problems
+    calls = []
+
+    def fails_on_six(model, tokenizer, problems, *args, **kwargs):
+        calls.append(len(problems))
+        if len(problems) == 6:
+            raise RuntimeError("out of memory on the second benchmark")
+        return real(model, tokenizer, problems, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "sample_problems", fails_on_six)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="second benchmark"):
+        main(eval_args(tiny, out, "five,six"))
+    assert json.loads((out / "results.json").read_text())["results"].keys() == {"five"}  # kept
+    assert (out / "samples" / "five.json").read_text() == (reference / "samples" / "five.json").read_text()
+    capsys.readouterr()
+    calls.clear()
+    monkeypatch.setattr(evaluation, "sample_problems", lambda m, t, problems, *a, **k: calls.append(len(problems))
+                        or real(m, t, problems, *a, **k))
+    main(eval_args(tiny, out, "five,six"))
+    assert calls == [6]  # five was not sampled again
+    assert "five: complete in" in capsys.readouterr().out
+    for name in ("five", "six"):
+        assert (out / "samples" / f"{name}.json").read_text() == (reference / "samples" / f"{name}.json").read_text()
+    assert json.loads((out / "results.json").read_text())["results"] == \
+        json.loads((reference / "results.json").read_text())["results"]
+    # other settings into the same --out: an error, before any sampling, unless --redo
+    with pytest.raises(SystemExit):
+        main(eval_args(tiny, out, "five") + ["--seed", "1"])
+    assert "holds results made with other settings (seed 0 there, 1 now)" in capsys.readouterr().err
+    calls.clear()
+    main(eval_args(tiny, out, "five") + ["--seed", "1", "--redo"])
+    assert calls == [5]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loaders
 
 
+# math_train.jsonl has 7,500 rows, 2 of them with a blank answer (skipped: nothing to grade against)
 @pytest.mark.parametrize("name,rows", [("bench/aime24.jsonl", 30), ("bench/aime25.jsonl", 30), ("bench/amc23.jsonl", 40),
                                        ("bench/minerva.jsonl", 272), ("bench/olympiadbench.jsonl", 675),
-                                       ("bench/gsm8k.jsonl", 1319), ("train/math_train.jsonl", 7500)])
+                                       ("bench/gsm8k.jsonl", 1319), ("train/math_train.jsonl", 7498)])
 def test_loads_every_shared_data_file(name, rows):
     path = SHARED / name
     if not path.is_file():
@@ -181,6 +258,6 @@ def test_two_processes_split_the_problems_and_gather_the_same_results(tiny, tmp_
         done = subprocess.run(launcher + [str(root / "eval.py"), *common, "--out", str(tmp_path / out)],
                               capture_output=True, text=True, cwd=root, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-    one = json.loads((tmp_path / "one" / "samples.json").read_text())
-    two = json.loads((tmp_path / "two" / "samples.json").read_text())
+    one = json.loads((tmp_path / "one" / "samples" / "five.json").read_text())
+    two = json.loads((tmp_path / "two" / "samples" / "five.json").read_text())
     assert one == two  # greedy: the split changes nothing, and the order is restored
