@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -335,6 +336,17 @@ def truncate_metrics(file: Path, step: int):
     os.replace(tmp, file)
 
 
+def _nulled(value):
+    """`value` with every non-finite float replaced by None, in nested dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulled(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulled(v) for v in value]
+    return value
+
+
 class MetricsLog:
     """metrics.jsonl in checkpoint.dir, one JSON line per step, and with log.wandb the same records in
     Weights & Biases. Rank 0 only. Opening it after a resume first drops the lines of steps after the
@@ -354,8 +366,10 @@ class MetricsLog:
                 print("log.wandb is set but wandb is not installed (pip install wandb); logging to metrics.jsonl only")
 
     def write(self, record: dict):
+        """Append one step's record. A NaN or infinite value is written as null (strict JSON readers
+        reject a bare NaN); wandb gets the values as they are."""
         with self.file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_nulled(record), allow_nan=False) + "\n")
         if self.wandb:
             self.wandb.log(record, step=record["step"])
 

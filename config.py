@@ -235,8 +235,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
+        data = path.read_bytes()
         try:
-            raw = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path} is not UTF-8 (byte {data[e.start]:#04x} on line {line}); save it as UTF-8") from None
+        try:
+            raw = yaml.load(text, Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
@@ -251,7 +257,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        target[leaf] = yaml.safe_load(text)
+        try:
+            target[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value of {key!r} is not valid YAML ({problem}); quote "
+                              f"strings that hold YAML syntax, e.g. {key}='\"...\"'") from None
     cfg = from_dict(Config, raw)
     check(cfg)
     return cfg
@@ -270,6 +281,10 @@ _RULES = [
     ("rollout.kv_tokens", lambda v: v >= 0, "at least 0 (0: sized from free memory)"),
     ("train.batch_size", lambda v: v >= 1, "at least 1"),
     ("warm_start.steps", lambda v: v >= 0, "at least 0"),
+    ("warm_start.lr", lambda v: v > 0, "positive"),
+    ("warm_start.warmup_steps", lambda v: v >= 0, "at least 0"),
+    ("data.arithmetic_digits", lambda v: len(v) > 0 and all(1 <= d <= 20 for d in v),
+     "a non-empty list of digit counts from 1 to 20"),
     ("warm_start.batch_size", lambda v: v >= 1, "at least 1"),
     ("warm_start.meta_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.arithmetic_count", lambda v: v >= 1, "at least 1"),
@@ -301,6 +316,8 @@ _RULES = [
     ("efficient.audit_every", lambda v: v >= 1, "at least 1"),
     ("validation.every", lambda v: v >= 1, "at least 1"),
     ("validation.samples", lambda v: v >= 1, "at least 1"),
+    ("validation.temperature", lambda v: v >= 0, "at least 0 (0 is greedy)"),
+    ("validation.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("checkpoint.every", lambda v: v >= 0, "at least 0 (0 writes no checkpoint)"),
     ("checkpoint.keep", lambda v: v >= 1, "at least 1"),
 ]
@@ -317,6 +334,10 @@ def check(cfg: Config):
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+    from model import PRESETS  # here, not at the top: config.py stays importable without torch
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}")
     for name, needed in _PLACEHOLDERS.items():
         missing = [p for p in needed if p not in getattr(cfg.prompt, name)]
         if missing:

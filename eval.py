@@ -215,7 +215,7 @@ def run_summary(metrics_file: Path, window: int = 20) -> str:
     parts = []
     for key, label in [("accuracy", "accuracy"), ("pass_rate_mae", "pass-rate MAE"),
                        ("meta_reward", "meta reward"), ("meta_parse_failures", "meta parse failures")]:
-        first, last = ([r[key] for r in part if key in r] for part in (records[:n], records[-n:]))
+        first, last = ([r[key] for r in part if r.get(key) is not None] for part in (records[:n], records[-n:]))
         if first and last:
             parts.append(f"{label} {np.mean(first):.3f} -> {np.mean(last):.3f}")
     span = f"steps {records[0]['step']}-{records[n - 1]['step']} vs {records[-n]['step']}-{records[-1]['step']}"

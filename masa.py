@@ -87,7 +87,12 @@ def meta_prompt(problem: str, template: str, group_size: int, max_length: int) -
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """rewards [groups * group_size] -> (r - mean) / (std + eps) per consecutive group (sample std);
     0 for a group whose rewards are all equal. Solution groups (G) and meta groups (M) are normalized
-    separately by calling this once for each. Step 3 of DESIGN.md §1."""
+    separately by calling this once for each. Step 3 of DESIGN.md §1. A NaN or infinite reward is an
+    error: it would silently zero its whole group's advantages."""
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"rewards at positions {bad[:8]} are not finite ({rewards[bad[0]].item()}): every reward "
+                         f"must be a finite number; a grader or meta reward produced this")
     return kernels.group_advantages(rewards.float(), group_size, eps)
 
 
@@ -126,9 +131,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Returns (loss, metrics): metrics are sums over this micro-batch's tokens (clipped tokens, ratio
     sum/min/max, entropy and KL sums, token count), so they add across micro-batches and ranks.
     """
+    on = mask > 0
+    # Positions outside the mask are set to 0 first (torch.where, whose backward sends them no
+    # gradient), so that a NaN there (padding, a dropped token) reaches neither the loss nor a gradient.
+    logprobs, old_logprobs = torch.where(on, logprobs, 0.0), torch.where(on, old_logprobs, 0.0)
+    ref_logprobs = None if ref_logprobs is None else torch.where(on, ref_logprobs, 0.0)
+    entropy = None if entropy is None else torch.where(on, entropy, 0.0)
     mask = mask.to(logprobs.dtype)
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
+    advantages = advantages[:, None] if advantages.dim() == 1 else torch.where(on, advantages, 0.0)
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -152,7 +162,6 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         raise ValueError(f"unknown loss aggregation {aggregation!r}; use token-mean, seq-mean-token-mean "
                          f"or constant")
     with torch.no_grad():
-        on = mask > 0
         metrics = {
             "tokens": float(mask.sum()),
             "clipped_tokens": float(((clipped > unclipped) & on).sum()),

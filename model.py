@@ -402,6 +402,13 @@ def _resolve_checkpoint(path) -> Path:
                                 f"network, or download it yourself and pass the directory") from e
 
 
+_CONFIG_TYPES = {**dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads", "head_dim",
+                                  "max_position_embeddings"], "size"),
+                 "rope_theta": "positive", "rms_norm_eps": "positive",
+                 "tie_word_embeddings": "flag", "attention_bias": "flag"}
+
+
 def read_config(directory: Path) -> tuple[Qwen3Config, torch.dtype]:
     """A checkpoint directory's config.json as (Qwen3Config, stored dtype), without reading weights."""
     file = directory / "config.json"
@@ -410,13 +417,17 @@ def read_config(directory: Path) -> tuple[Qwen3Config, torch.dtype]:
                                 f"*.safetensors (saved by save_pretrained or downloaded from the hub)")
     try:
         raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object of model settings, got a {type(raw).__name__}")
     model_type, archs = raw.get("model_type"), raw.get("architectures")
     if model_type != "qwen3":
         raise ValueError(f"{file} describes model_type={model_type!r} (architectures={archs}); masa implements "
                          f"dense Qwen3 only (model_type 'qwen3', Qwen3ForCausalLM)")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{file}: rope_parameters / rope_scaling must be an object, got {rope!r}")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ValueError(f"{file} asks for RoPE scaling {rope}; masa implements plain RoPE only")
     if raw.get("use_sliding_window"):
@@ -432,6 +443,14 @@ def read_config(directory: Path) -> tuple[Qwen3Config, torch.dtype]:
     absent = [name for name in required if values.get(name) is None]
     if absent:
         raise ValueError(f"{file} lacks required field(s) {absent}")
+    for name, value in values.items():  # a wrong type would otherwise fail far from here, naming no file
+        kind = _CONFIG_TYPES.get(name)
+        if kind == "size" and not (type(value) is int and value > 0):
+            raise ValueError(f"{file}: {name} must be a positive integer, got {value!r}")
+        if kind == "positive" and not (type(value) in (int, float) and value > 0):
+            raise ValueError(f"{file}: {name} must be a positive number, got {value!r}")
+        if kind == "flag" and type(value) is not bool:
+            raise ValueError(f"{file}: {name} must be true or false, got {value!r}")
     dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     if dtype_name not in _DTYPES:
         raise ValueError(f"{file} records dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}")
@@ -443,8 +462,11 @@ def _read_tensors(directory: Path, device: torch.device) -> dict[str, tuple[torc
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / f for f in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({directory / f for f in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e!r}") from None
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{index} lists shard {f.name}, which is not in {directory}")
@@ -457,9 +479,15 @@ def _read_tensors(directory: Path, device: torch.device) -> dict[str, tuple[torc
         raise FileNotFoundError(f"no *.safetensors weights in {directory}; found {found}{hint}")
     tensors = {}
     for f in files:
-        with safe_open(f, framework="pt", device=str(device)) as handle:
-            for name in handle.keys():
-                tensors[name] = (handle.get_tensor(name), f)
+        try:
+            with safe_open(f, framework="pt", device=str(device)) as handle:
+                for name in handle.keys():
+                    tensors[name] = (handle.get_tensor(name), f)
+        except Exception as e:  # safetensors' own error type names no file
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            raise ValueError(f"{f} cannot be read as safetensors ({e}): the file is damaged or truncated; save "
+                             f"or download the checkpoint again") from e
     return tensors
 
 

@@ -24,6 +24,7 @@ The reward is the only signal RL has, so each step here is chosen to be hard to 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -270,13 +271,20 @@ class MetaPrediction:
 
 
 _NOTION_KEYS = ("math_notion", "math_notions", "notions", "notion")
+# Bounds that keep parsing and scoring linear in the text whatever a model (or a caller) writes: the
+# meta object must end within the last META_TAIL_CHARS characters of the response, and a
+# prediction keeps at most MAX_NOTIONS notions of at most MAX_NOTION_CHARS characters (longer ones
+# are not notions; they are dropped).
+META_TAIL_CHARS = 8192
+MAX_NOTIONS, MAX_NOTION_CHARS = 16, 80
 
 
 def parse_meta(text: str, group_size: int | None = None, max_length: int | None = None) -> MetaPrediction | None:
-    """The last JSON-like object in `text` that has a meta key, read leniently; None if there is none.
-    A field that is missing, of the wrong type or out of range (0..group_size, 1..max_length when
-    given) comes back as None (notions: as an empty list)."""
-    obj = _last_meta_object(text)
+    """The last JSON-like object in the last META_TAIL_CHARS characters of `text` that has a meta
+    key, read leniently; None if there is none. A field that is missing, of the wrong type or out of
+    range (0..group_size, 1..max_length when given) comes back as None (notions: as an empty list;
+    capped as capped_notions says)."""
+    obj = _last_meta_object(text[-META_TAIL_CHARS:])
     if obj is None:
         return None
     pass_rate = _as_int(obj.get("pass_rate"))
@@ -288,8 +296,14 @@ def parse_meta(text: str, group_size: int | None = None, max_length: int | None 
     raw = next((obj[k] for k in _NOTION_KEYS if k in obj), [])
     if isinstance(raw, str):
         raw = raw.split(",")
-    notions = [n.strip() for n in raw if isinstance(n, str) and n.strip()] if isinstance(raw, list) else []
+    notions = capped_notions([n for n in raw if isinstance(n, str)] if isinstance(raw, list) else [])
     return MetaPrediction(pass_rate, length, notions)
+
+
+def capped_notions(notions: list[str]) -> list[str]:
+    """The first MAX_NOTIONS non-empty notions of at most MAX_NOTION_CHARS characters, stripped."""
+    kept = (n.strip() for n in notions)
+    return [n for n in kept if n and len(n) <= MAX_NOTION_CHARS][:MAX_NOTIONS]
 
 
 def _as_int(value) -> int | None:
@@ -439,9 +453,15 @@ def _mentions(text: str, notion: str) -> bool:
     """Whether lower-cased `text` mentions `notion` (singular or a simple plural) as whole words. Only
     letters end a word here: "13carry1" mentions carry (the CPU demo's solutions write it so), "scary"
     does not mention "car"."""
+    stem = notion[:-1] if notion.endswith("y") else notion  # in every form: a fast substring test first
+    return stem in text and _mention_pattern(notion).search(text) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _mention_pattern(notion: str) -> re.Pattern:
+    """The compiled pattern of one notion (at most MAX_NOTION_CHARS long: a small, bounded regex)."""
     forms = {notion, notion + "s", notion + "es"} | ({notion[:-1] + "ies"} if notion.endswith("y") else set())
-    pattern = r"(?<![a-z])(?:" + "|".join(re.escape(f) for f in forms) + r")(?![a-z])"
-    return re.search(pattern, text) is not None
+    return re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(f) for f in sorted(forms)) + r")(?![a-z])")
 
 
 def meta_reward(prediction: MetaPrediction | None, outcomes: list, problem: str, group_size: int,
@@ -466,7 +486,7 @@ def meta_reward(prediction: MetaPrediction | None, outcomes: list, problem: str,
     r_length = float(prediction.solution_length is not None and bool(correct_lengths)
                      and min(correct_lengths) <= prediction.solution_length <= max(correct_lengths))
     problem_text = problem.lower()
-    notions = {normalize_notion(n) for n in prediction.notions} - {""}
+    notions = {normalize_notion(n) for n in capped_notions(prediction.notions)} - {""}
     notions = [n for n in sorted(notions) if not _mentions(problem_text, n)]
     r_notion = 0.0
     if notions:

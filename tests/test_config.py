@@ -1,6 +1,7 @@
 """config.py: the YAML files load into typed dataclasses, and every mistake a user can make is named."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,43 @@ def test_the_released_config_holds_every_override_of_the_readme_fidelity_table()
                for k, v in values.items() if v != to_dict(paper)[s][k]}
     named = {o.split("=")[0] for o in overrides} | {"efficient.hints", "efficient.behaviour_cloning", "checkpoint.dir"}
     assert released.algorithm == "masa_efficient" and changed == named - {"efficient.cutoff"}
+
+
+def numeric_keys():
+    import typing
+
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                kind = typing.get_type_hints(cls)[f.name]
+                if kind in (int, float) or typing.get_origin(kind) is list:
+                    yield f"{section.name}.{f.name}", kind
+
+
+@pytest.mark.parametrize("key,kind", list(numeric_keys()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_key_refuses_a_value_out_of_its_range(key, kind):
+    # README: "unknown keys and values out of range are errors". No count, size, rate, step or
+    # coefficient here means anything at -2 (where -1 means "off" it is the only negative allowed),
+    # and no float key may be NaN: each is refused up front, naming the key.
+    values = ["[-2, -2]"] if kind not in (int, float) else ["-2"] + ([".nan"] if kind is float else [])
+    for value in values:
+        with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+            load_config(None, [f"{key}={value}"])
+
+
+def test_broken_files_overrides_and_presets_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"optim:\n  lr: 1.0e-6  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not UTF-8 \(byte 0xe9 on line 2\)"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"override 'optim.betas=\[0.9, ': the value of 'optim.betas' is not valid YAML"):
+        load_config(None, ["optim.betas=[0.9, "])
+    with pytest.raises(ConfigError, match=r"'model.preset' must be one of tiny, 0.6B.*got 'nonexistent'"):
+        load_config(None, ["model.preset=nonexistent"])
+    for digits in ("[]", "[0]"):
+        with pytest.raises(ConfigError, match="'data.arithmetic_digits' must be a non-empty list"):
+            load_config(None, [f"data.arithmetic_digits={digits}"])
 
 
 def test_overrides_apply_in_order_and_are_typed(tmp_path):

@@ -2,6 +2,7 @@
 hints, experts and the audit on constructed inputs; prompts."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -89,6 +90,31 @@ def test_k3_kl_and_entropy_bonus_terms():
 def test_unknown_aggregation_is_refused():
     with pytest.raises(ValueError, match="unknown loss aggregation 'mean'"):
         policy_loss(NEW, OLD, ADV, MASK, SCALE, aggregation="mean")
+
+
+def test_nan_outside_the_mask_reaches_neither_the_loss_nor_the_gradient():
+    # NEW, OLD, MASK from above with NaN put at masked-out positions of every per-token input
+    nan = float("nan")
+    poisoned = [t.clone() for t in (NEW, OLD)]
+    for t in poisoned:
+        t[MASK == 0] = nan
+    new = poisoned[0].requires_grad_()
+    ref = torch.where(MASK > 0, OLD, torch.full_like(OLD, nan))
+    entropy = torch.where(MASK > 0, torch.ones_like(OLD), torch.full_like(OLD, nan))
+    loss, metrics = policy_loss(new, poisoned[1], ADV, MASK, SCALE, ref_logprobs=ref, kl_coef=0.1,
+                                entropy=entropy, entropy_coef=0.01)
+    clean, _ = policy_loss(NEW, OLD, ADV, MASK, SCALE, ref_logprobs=OLD, kl_coef=0.1, entropy=torch.ones_like(OLD),
+                           entropy_coef=0.01)
+    assert loss.item() == pytest.approx(clean.item(), rel=1e-6)
+    assert all(math.isfinite(v) for v in metrics.values())
+    loss.backward()
+    assert torch.isfinite(new.grad).all() and (new.grad[MASK == 0] == 0).all()
+
+
+def test_a_non_finite_reward_is_an_error_not_a_zero_advantage():
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"rewards at positions \[2\] are not finite"):
+            group_advantages(torch.tensor([1.0, 0.0, bad, 1.0]), 4)
 
 
 def test_group_advantages_normalize_each_group_alone():

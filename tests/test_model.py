@@ -316,6 +316,31 @@ def test_config_without_required_fields_is_reported(hf_checkpoint):
 
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda c: {**c, "hidden_size": "48"}, r"config.json: hidden_size must be a positive integer, got '48'"),
+    (lambda c: {**c, "num_hidden_layers": 0}, r"config.json: num_hidden_layers must be a positive integer, got 0"),
+    (lambda c: {**c, "tie_word_embeddings": "no"}, r"config.json: tie_word_embeddings must be true or false"),
+    (lambda c: {**c, "rope_parameters": "linear", "rope_scaling": "linear"}, r"config.json: rope_parameters / rope_scaling must be an object"),
+    (lambda c: [c], r"config.json must hold a JSON object of model settings, got a list"),
+])
+def test_a_config_json_of_the_wrong_shape_is_named(hf_checkpoint, damage, message):
+    _, path = hf_checkpoint()
+    (path / "config.json").write_text(json.dumps(damage(json.loads((path / "config.json").read_text()))))
+    with pytest.raises(ValueError, match=message):
+        Qwen3.from_pretrained(path)
+
+
+def test_a_truncated_safetensors_file_is_named(hf_checkpoint):
+    _, path = hf_checkpoint()
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors cannot be read as safetensors .* damaged or truncated"):
+        Qwen3.from_pretrained(path)
+    (path / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a safetensors index"):
+        Qwen3.from_pretrained(path)
+
+
 def test_a_hub_id_is_downloaded_then_loaded(hf_checkpoint, monkeypatch):
     import huggingface_hub
 

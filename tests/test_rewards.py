@@ -419,6 +419,48 @@ def test_parse_meta_on_a_long_response_is_fast():
     assert time.monotonic() - start < 5
 
 
+ADVERSARIAL = {  # 10 MB each: what a hostile caller of parse_meta could pass (the issue's probe took 144 s)
+    "nested arrays": "[" * 5_000_000 + "]" * 5_000_000,
+    "open braces": "{" * 10_000_000,
+    "nested objects": '{"a":' * 2_000_000,
+    "unterminated strings": '{"x": "' * 1_500_000,
+    "long arrays behind many braces": ('{"pass_rate":[' + "1," * 20) * 200_000,
+    "one huge object": json.dumps({"math_notion": ["a" * 10] * 700_000, "pass_rate": 3}),
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_parse_meta_does_bounded_work_on_10_mb(name):
+    text = ADVERSARIAL[name]
+    start = time.monotonic()
+    assert parse_meta(text) is None  # nothing a meta object can be in its last META_TAIL_CHARS characters
+    assert time.monotonic() - start < 1.0  # linear-time parsing of a bounded tail: milliseconds here
+
+
+def test_parse_meta_reads_only_the_tail_and_caps_the_notions():
+    from rewards import MAX_NOTION_CHARS, MAX_NOTIONS, META_TAIL_CHARS
+
+    meta = '{"math_notion": ["carry"], "pass_rate": 2, "solution_length": 9}'
+    assert parse_meta("x" * 10_000_000 + meta).pass_rate == 2
+    assert parse_meta(meta + " " + "x" * (META_TAIL_CHARS - len(meta) - 1)).pass_rate == 2  # just inside
+    assert parse_meta(meta + " " + "x" * META_TAIL_CHARS) is None  # outside the tail
+    notions = [f"notion {i}" for i in range(MAX_NOTIONS + 4)] + ["y" * (MAX_NOTION_CHARS + 1)]
+    parsed = parse_meta(json.dumps({"math_notion": ["z" * (MAX_NOTION_CHARS + 1)] + notions, "pass_rate": 1}))
+    assert parsed.notions == notions[:MAX_NOTIONS]  # too-long ones dropped, then the first 16 kept
+
+
+def test_meta_reward_is_bounded_on_huge_notions_and_outcomes():
+    # the issue's probe: a 1 MB notion against 16 outcomes of 1 MB took 572 s (a regex per notion)
+    outcomes_ = [Outcome(i % 2 == 0, 10, "the carry and the notion word " * 35_000) for i in range(16)]
+    start = time.monotonic()
+    assert meta_reward(MetaPrediction(8, 10, ["carry" * 200_000]), outcomes_, "p", 16)["notion"] == 0.0  # dropped
+    many = [f"notion {i}" for i in range(100)] + ["carry"]
+    assert meta_reward(MetaPrediction(8, 10, many), outcomes_, "p", 16)["notion"] == 0.0  # 16 kept; none useful
+    assert time.monotonic() - start < 1.0
+    right = [Outcome(True, 10, "a carry " * 100_000)] + [Outcome(False, 10, "no " * 300_000)] * 15
+    assert meta_reward(MetaPrediction(1, 10, ["carry"]), right, "p", 16)["notion"] == 1.0  # still matched
+
+
 # ---------------------------------------------------------------------------------------------------
 # Meta rewards, computed by hand
 

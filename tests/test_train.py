@@ -330,6 +330,25 @@ def test_the_cpu_demo_config_runs_a_warm_start_then_rl(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), warmed.state_dict().values()))
 
 
+def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_values(tmp_path):
+    from checkpoints import MetricsLog
+    from config import load_config
+    from eval import run_summary
+
+    cfg = load_config(CONFIG, [f"checkpoint.dir={tmp_path}"])
+    log = MetricsLog(cfg, start=0)
+    for step, accuracy in ((1, 0.5), (2, float("nan")), (3, 0.25), (4, float("inf"))):
+        log.write({"step": step, "accuracy": accuracy, "parts": [float("-inf"), 1.0], "extra": {"x": float("nan")}})
+
+    def strict(constant):  # what a strict JSON reader does with a bare NaN or Infinity
+        raise ValueError(f"not JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["accuracy"] for r in records] == [0.5, None, 0.25, None]
+    assert records[1]["parts"] == [None, 1.0] and records[1]["extra"] == {"x": None}
+    assert run_summary(tmp_path / "metrics.jsonl", window=2) == "steps 1-2 vs 3-4: accuracy 0.500 -> 0.250"
+
+
 def test_run_summary_compares_the_first_and_last_steps(tmp_path):
     from eval import run_summary
 
