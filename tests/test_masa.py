@@ -151,6 +151,7 @@ def test_cutoff_budgets_use_the_median_prediction():
     lengths = [[100, 300, 200], [10, None, 20, None], [5000, 6000], [None, None], [1, 1]]
     assert cutoff_budgets(lengths, factor=2.0, max_response_tokens=8192) == [400, 30, 8192, 8192, 2]
     assert cutoff_budgets([[101]], factor=1.5, max_response_tokens=8192) == [152]  # ceil(151.5)
+    assert cutoff_budgets([[10, 10, 100]], factor=2.0, max_response_tokens=8192) == [20]  # median 10 (mean: 40)
 
 
 # ---------------------------------------------------------------------------------------------------

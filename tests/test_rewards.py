@@ -123,6 +123,14 @@ def test_equivalence(verdicts, gold, pred, expected):
     assert verdicts[(gold, pred)] is expected
 
 
+def test_a_number_100_times_off_is_wrong_without_a_percent_sign(pool):
+    # the percent rule equates 25% with 0.25, and nothing else: without a % on one side, 100x off is wrong
+    for response, gold in ((r"\boxed{500}", "5"), (r"\boxed{25}", "0.25"), (r"\boxed{0.05}", "5"),
+                           (r"\boxed{5}", "500")):
+        assert not grade(response, gold, pool), (response, gold)
+    assert grade(r"\boxed{25\%}", "0.25", pool) and grade(r"\boxed{0.25}", r"25\%", pool)
+
+
 def test_no_box_scores_zero_even_with_the_right_number(pool):
     assert grade("The answer is 42", "42", pool) is False
 
@@ -483,6 +491,14 @@ def test_meta_reward_pass_rate_length_and_notions():
     # "borrow": 0 correct, 1 incorrect -> does not. 1 of 2.
     assert r["notion"] == 0.5
     assert r["score"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_a_notion_mentioned_more_by_incorrect_rollouts_earns_nothing():
+    rollouts = outcomes((True, 10, "a carry here"), (False, 10, "carry, wrongly"), (False, 10, "carry again"),
+                        (True, 10, "plain sum"))
+    assert meta_reward(MetaPrediction(2, 10, ["carry"]), rollouts, "p", 4)["notion"] == 0.0  # 1 correct, 2 not
+    assert meta_reward(MetaPrediction(2, 10, ["carry"]), rollouts[:2], "p", 4)["notion"] == 0.0  # 1 and 1: a tie
+    assert meta_reward(MetaPrediction(2, 10, ["carry"]), rollouts[:1], "p", 4)["notion"] == 1.0
 
 
 def test_meta_reward_pass_rate_decays_with_distance():

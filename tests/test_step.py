@@ -135,6 +135,13 @@ def test_prompts_predicted_all_right_or_all_wrong_are_gated_and_get_no_solution_
     assert [len(episodes(data, "solution", i)) for i in range(4)] == [0, G, G, 0]
 
 
+def test_the_meta_prompt_states_the_response_budget_and_the_group_size(step):
+    cfg, _, sampler, _ = step
+    for prompt in sampler.calls[0]["prompts"]:  # max_prompt_tokens (1024 here) is the released code's bug
+        assert f"an integer from 1 to {BUDGET}, how many tokens" in prompt and str(cfg.rollout.max_prompt_tokens) not in prompt
+        assert f"an integer from 0 to {G}, how many of {G} independent attempts" in prompt
+
+
 def test_cutoff_budgets_are_twice_the_median_predicted_length(step):
     _, _, sampler, data = step
     # P0: 2 x 9; P1: 2 x median(12, 4) = 16 (the unparseable one has no length); P2: 2 x 20 = 40; P3: 2 x 5

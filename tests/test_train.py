@@ -85,9 +85,11 @@ def test_each_algorithm_runs_and_writes_a_checkpoint_transformers_loads(assets, 
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(assets, tmp_path):
-    full = run(assets, tmp_path / "full", "algorithm=masa_efficient", "train.total_steps=3")
-    run(assets, tmp_path / "split", "algorithm=masa_efficient", "train.total_steps=1")
-    resumed = run(assets, tmp_path / "split", "algorithm=masa_efficient", "train.total_steps=3")
+    settings = ["algorithm=masa_efficient", "optim.warmup_steps=5"]  # the warmup spans the resume: the LR
+    full = run(assets, tmp_path / "full", *settings, "train.total_steps=3")  # scheduler must come back too
+    run(assets, tmp_path / "split", *settings, "train.total_steps=1")
+    resumed = run(assets, tmp_path / "split", *settings, "train.total_steps=3")
+    assert [r["lr"] for r in full] == pytest.approx([1e-3 * k / 5 for k in (1, 2, 3)])
     assert [without_timing(r) for r in resumed] == [without_timing(r) for r in full]
     assert any(r["trained_tokens"] > 0 and r["grad_norm"] > 0 for r in full)  # the weights did move
     a = Qwen3.from_pretrained(tmp_path / "full" / "step_000003" / "model")
@@ -180,6 +182,33 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(assets, tmp_path
     metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, good)
     assert metrics["skipped_steps"] == 0
     assert any(not torch.equal(before[n], p.full_tensor()) for n, p in policy.named_parameters())
+
+
+def test_the_response_mask_covers_exactly_the_response_targets():
+    import train
+
+    ids, targets, mask, adv = train.tensors([Episode(0, "solution", [1, 2, 3], [4, 5], advantage=0.5),
+                                             Episode(1, "meta", [7], [8, 9, 10], advantage=-1.0)], "cpu")
+    assert ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0]]
+    assert targets[mask > 0].tolist() == [4, 5, 8, 9, 10]  # every response token, nothing else
+    assert mask.tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]] and adv.tolist() == [0.5, -1.0]
+
+
+def test_every_mini_batch_after_the_first_is_off_policy(assets, one_process_group):
+    # with train.mini_batches=2 the log-probs of the sampling policy must be kept from before the first
+    # step: the second mini-batch's ratio is then not 1 (the weights moved), and PPO's clip has work
+    import parallel
+    import train
+    from config import load_config
+
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "train.mini_batches=2", "loss.entropy_coef=0"])
+    policy = parallel.build_policy(cfg, one_process_group)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    episodes = [Episode(i, "solution", [1, 2, 3], [4 + i, 5, 6], advantage=a) for i, a in ((0, 1.0), (1, -1.0))]
+    metrics = train.update(cfg, one_process_group, policy, optimizer, scheduler, episodes)
+    # token mean over both steps: 1 for the first, something else for the second
+    assert abs(metrics["ratio_mean"] - 1.0) > 1e-4, metrics["ratio_mean"]
 
 
 def test_a_cut_rollout_out_of_the_loss_carries_no_gradient(assets, one_process_group):
