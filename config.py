@@ -154,7 +154,7 @@ class EfficientConfig:
     hint_mode: Literal["prompt", "rollout"] = "prompt"  # prompt: one drawn prediction per prompt, shared by its G
     #                                                     rollouts (here); rollout: one per rollout (released code)
     hint_with_length: bool = False  # the hint also states the drawn prediction's length (released code: true)
-    hint_start_step: int = -1  # first step with hints; -1: gate_start_step (here); the released code: 0 (from the start)
+    hint_start_step: int = -1  # first step with hints; -1: gate_start_step (here); released code: 0, the start
     cutoff_in_loss: bool = True  # a cut rollout (reward 0) stays in the loss, i.e. a length penalty (here); false:
     #                              it counts in its group's statistics but carries no gradient
     behaviour_cloning: bool = False  # supervised steps on expert meta trajectories
@@ -240,7 +240,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
-            raise ConfigError(f"{path} is not UTF-8 (byte {data[e.start]:#04x} on line {line}); save it as UTF-8") from None
+            raise ConfigError(f"{path} is not UTF-8 (byte {data[e.start]:#04x} on line {line}); save it as "
+                              f"UTF-8") from None
         try:
             raw = yaml.load(text, Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:

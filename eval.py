@@ -13,13 +13,14 @@ by the unbiased estimator, the standard error of pass@1 across problems, the mea
 and the fraction of responses with no \\boxed{} answer; `samples/<benchmark>.json` holds every
 response with its extracted answer and grade. Each benchmark's files are written as soon as it is
 done, and a rerun into the same --out with the same settings skips the benchmarks already there
-(--redo runs them again); names, files, --out and the settings are all checked before the model loads. With --meta it also draws --meta-n predictions per problem from the
-meta prompt (stating the group size n and the response budget) and reports
-the calibration of the predicted pass rate (mean absolute error and Spearman correlation against
-the empirical one), the fraction of predicted lengths inside [min, max] of the correct responses'
-lengths, the notion score (rewards.meta_reward's notion part), the parse-failure rate, and scatter
-plots (PNG, when matplotlib is installed). Each problem samples its own stream (its index in the
-benchmark), so results depend on --seed, not on the number of ranks.
+(--redo runs them again); names, files, --out and the settings are all checked before the model
+loads. With --meta it also draws --meta-n predictions per problem from the meta prompt (stating the
+group size n and the response budget) and reports the calibration of the predicted pass rate (mean
+absolute error and Spearman correlation against the empirical one), the fraction of predicted
+lengths inside [min, max] of the correct responses' lengths, the notion score (rewards.meta_reward's
+notion part), the parse-failure rate, and scatter plots (PNG, when matplotlib is installed). Each
+problem samples its own stream (its index in the benchmark), so results depend on --seed, not on
+the number of ranks.
 
 Prompts use the templates of the run that trained the model: --config, else the config.yaml that
 train.py saves beside every checkpoint's model/ directory, else the paper's (config.py's defaults).

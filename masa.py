@@ -61,7 +61,8 @@ class Episode:
     reward: float = 0.0  # solution: 1 if correct and not cut off, else 0; meta: the meta score
     meta_parts: dict[str, float] = field(default_factory=dict)  # meta path: pass_rate, length, notion
     advantage: float = 0.0
-    in_loss: bool = True  # False for the meta rollouts of a gated prompt (nothing to score them against)
+    in_loss: bool = True  # False: the meta rollouts of a gated prompt (nothing to score them against) and,
+    #                       with efficient.cutoff_in_loss false, cut solution rollouts
 
 # ---------------------------------------------------------------------------------------------------
 # Prompts (the chat template is applied by the tokenizer in train.py)

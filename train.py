@@ -159,7 +159,8 @@ def sample_step(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer,
                 p.solution_ids = hinted[0]
             elif hinted:
                 p.rollout_ids = hinted
-        requests = [(p, path, ids, 0 if p.gated else n, first) for p, path, ids, n, first in solution_requests(prompts, G)]
+        requests = [(p, path, ids, 0 if p.gated else n, first)  # a gated prompt gets no solution rollouts
+                    for p, path, ids, n, first in solution_requests(prompts, G)]
         return run(requests, seed(SEED_SOLUTION)), meta
     if cfg.algorithm == "grpo":
         return run(solution_requests(prompts, G), seed(SEED_SOLUTION)), []

@@ -285,7 +285,8 @@ def test_cut_rollouts_out_of_the_loss_still_count_in_their_group(released):
 
 
 def test_hints_can_start_before_gating_and_cutoff(tmp_path_factory):
-    _, sampler, data = collect_scripted(tmp_path_factory, ["efficient.gate_start_step=1", "efficient.hint_start_step=0"])
+    _, sampler, data = collect_scripted(tmp_path_factory,
+                                        ["efficient.gate_start_step=1", "efficient.hint_start_step=0"])
     meta_call, solution_call = sampler.calls[0], sampler.calls[1]
     assert meta_call["counts"] == [M] * 4 and solution_call["counts"] == [G] * 4  # sampled in turn; none gated
     assert solution_call["budgets"] == [None] * 4  # no cutoff before gate_start_step
