@@ -237,7 +237,8 @@ def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[
     checkpoint.allow_config_change; with `verbose`, every difference is printed once. Returns the
     experiment-changing ones that were allowed, {key: [saved, now]}, for metrics.jsonl. Local (not
     collective)."""
-    saved = flat(yaml.safe_load((directory / "config.yaml").read_text()))
+    # A key the saved config lacks was added to config.py after that checkpoint: it ran with the default.
+    saved = {**flat(to_dict(Config())), **flat(yaml.safe_load((directory / "config.yaml").read_text()))}
     now = flat(to_dict(cfg))
     changes = {k: [saved.get(k), now.get(k)] for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
     experiment = {k: v for k, v in changes.items() if not k.startswith(BENIGN_ON_RESUME)}

@@ -335,7 +335,7 @@ def check(cfg: Config):
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
-    from model import PRESETS  # here, not at the top: config.py stays importable without torch
+    from model import PRESETS  # here, not at the top: importing config.py needs no torch, checking a config does
 
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}")

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from masa import meta_prompt, solution_prompt, uninformative_meta_target
+from rewards import has_content
 
 
 def load_problems(path: str | Path, problem_key: str = "problem", answer_key: str = "answer") -> list[dict]:
@@ -59,13 +60,13 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
             if not isinstance(row, dict) or row.get(key) is None:
                 raise ValueError(f"{path}, row {number}: missing field {key!r}; rows need {problem_key!r} and "
                                  f"{answer_key!r} (set data.problem_key / data.answer_key for other names)")
-        if not str(row[answer_key]).strip():  # nothing to grade against (rewards.has_content)
+        if not has_content(str(row[answer_key])):  # nothing any response could be graded right against
             blank.append(str(row.get("id", f"row {number}")))
             continue
         problems.append({**row, "problem": str(row[problem_key]), "answer": str(row[answer_key])})
     if blank:
-        print(f"warning: {path}: skipped {len(blank)} row(s) whose {answer_key!r} is blank, so no answer could be "
-              f"graded right: {', '.join(blank[:5])}{', ...' if len(blank) > 5 else ''}", file=sys.stderr)
+        print(f"warning: {path}: skipped {len(blank)} row(s) whose {answer_key!r} is blank (or only punctuation), "
+              f"so no answer could be graded right: {', '.join(blank[:5])}{', ...' if len(blank) > 5 else ''}", file=sys.stderr)
     if not problems:
         raise ValueError(f"{path} holds no problems" + (" with an answer" if blank else ""))
     return problems

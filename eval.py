@@ -29,6 +29,7 @@ train.py saves beside every checkpoint's model/ directory, else the paper's (con
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -273,9 +274,10 @@ def benchmark_file(name: str, data_dir: Path) -> Path:
 
 
 def benchmark_label(name: str) -> str:
-    """A benchmark's key in results.json and its samples file's name: the name, or a path's stem."""
+    """A benchmark's key in results.json and its samples file's name: the name (its last part), or a
+    path's stem."""
     path = Path(name)
-    return path.stem if path.suffix in (".jsonl", ".parquet") else name
+    return path.stem if path.suffix in (".jsonl", ".parquet") else path.name
 
 
 def default_data_dir() -> Path:
@@ -289,9 +291,10 @@ SAMPLING_SETTINGS = ("model", "n", "k", "temperature", "top_p", "max_new_tokens"
 
 
 def completed(out: Path, settings: dict, labels: list[str], redo: bool) -> tuple[dict, str | None]:
-    """The results `out` already holds for `labels` from a run with the same SAMPLING_SETTINGS (each
-    with its samples file): those benchmarks are not run again. Returns (results by label, None), or
-    ({}, the error to stop with) when `out` holds results made otherwise. redo: reuse nothing."""
+    """The results `out` already holds for `labels` from a run with the same SAMPLING_SETTINGS and the
+    same benchmark files (settings["files"]: each label's SHA-256), each with its samples file: those
+    benchmarks are not run again. Returns (results by label, None), or ({}, the error to stop with)
+    when `out` holds results made otherwise. redo: reuse nothing."""
     file = out / "results.json"
     if redo or not file.is_file():
         return {}, None
@@ -305,8 +308,9 @@ def completed(out: Path, settings: dict, labels: list[str], redo: bool) -> tuple
         listed = ", ".join(f"{k} {before.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
         return {}, (f"{out} holds results made with other settings ({listed}); pass another --out, or --redo "
                     f"to replace them")
-    return {label: results[label] for label in labels
-            if label in results and (out / "samples" / f"{label}.json").is_file()}, None
+    files = before.get("files", {})
+    return {label: results[label] for label in labels if label in results and files.get(label) ==
+            settings["files"][label] and (out / "samples" / f"{label}.json").is_file()}, None
 
 
 def write_atomically(path: Path, text: str):
@@ -319,19 +323,41 @@ def write_atomically(path: Path, text: str):
 
 def write_results(out: Path, settings: dict, results: dict, ks: list[int], meta: bool) -> str:
     """results.json (the settings and every finished benchmark's metrics, merged with what `out` held
-    from an earlier run with the same settings) and results.md; returns the markdown table."""
+    from an earlier run with the same settings) and results.md, both holding all of them; returns the
+    markdown table of `results` alone, in their order."""
     file = out / "results.json"
+    merged, files = dict(results), dict(settings["files"])
     if file.is_file():
         try:
             earlier = json.loads(file.read_text())
             if all(earlier["settings"].get(k) == settings.get(k) for k in SAMPLING_SETTINGS):
-                results = {**earlier["results"], **results}
-        except (OSError, ValueError, KeyError, TypeError):
+                merged.update({k: v for k, v in earlier["results"].items() if k not in results})
+                files = {**earlier["settings"].get("files", {}), **files}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # unreadable: completed() said so unless --redo; replaced
-    table = markdown(results, ks, meta)
-    write_atomically(file, json.dumps({"settings": settings, "results": results}, indent=2))
-    write_atomically(out / "results.md", table + "\n")
-    return table
+    write_atomically(file, json.dumps({"settings": {**settings, "files": files}, "results": merged}, indent=2))
+    write_atomically(out / "results.md", markdown(merged, ks, meta) + "\n")
+    return markdown(results, ks, meta)
+
+
+def agree(distributed: bool, value):
+    """Rank 0's `value` on every rank (itself when there is one process)."""
+    if not distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def stop(distributed: bool, exit_):
+    """Leave the process group (all ranks call this together), then `exit_()`."""
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    exit_()
 
 
 def main(argv=None):
@@ -395,9 +421,8 @@ def main(argv=None):
     if not Path(args.model).is_dir() and (Path(args.model).exists() or args.model.count("/") != 1):
         parser.error(f"--model {args.model} is neither a checkpoint directory nor a hub id (owner/name)")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    done, error = completed(args.out, settings, labels, args.redo)
-    if error:
-        parser.error(error)
+    settings["files"] = {label: hashlib.sha256(benchmark_file(n, data_dir).read_bytes()).hexdigest()
+                         for n, label in zip(names, labels)}
     saved = Path(args.model).parent / "config.yaml"
     config_file = args.config or (saved if saved.is_file() else None)
     template = load_config(config_file).prompt if config_file else PromptConfig()
@@ -406,14 +431,17 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if distributed:  # rank 0's view of --out decides what is left to run
-        decided = [done]
-        dist.broadcast_object_list(decided, src=0)
-        done = decided[0]
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before any collective: NCCL's object collectives use the current device
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    # Rank 0's reading of --out decides what is left to run (other nodes may not see it), and all stop together.
+    done, error = completed(args.out, settings, labels, args.redo) if rank == 0 else ({}, None)
+    done, error = agree(distributed, (done, error))
+    if error:
+        stop(distributed, lambda: parser.error(error))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen3.from_pretrained(args.model, dtype=dtype, device=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -438,11 +466,18 @@ def main(argv=None):
                 dist.all_gather_object(gathered, records)
                 records = [r for i in range(len(problems)) for r in [gathered[i % world][i // world]]]
             results[label] = summarize(records, args.n, ks, args.meta)
+            failed = None
             if rank == 0:  # written as each benchmark finishes: a later failure loses none of it
-                write_atomically(args.out / "samples" / f"{label}.json", json.dumps(records))
-                write_results(args.out, settings, results, ks, args.meta)
-                if args.meta:
-                    plot_calibration(label, records, args.n, args.out)
+                try:
+                    write_atomically(args.out / "samples" / f"{label}.json", json.dumps(records))
+                    write_results(args.out, settings, {label: results[label]}, ks, args.meta)
+                    if args.meta:
+                        plot_calibration(label, records, args.n, args.out)
+                except Exception as e:  # told to every rank, which would otherwise wait in the next collective
+                    failed = f"writing {label}'s results to {args.out} failed: {type(e).__name__}: {e}"
+            failed = agree(distributed, failed)
+            if failed:
+                stop(distributed, lambda: sys.exit(f"error: {failed}"))
     if rank == 0:
         results = {label: results[label] for label in labels}  # the order asked for
         print(write_results(args.out, settings, results, ks, args.meta))

@@ -78,13 +78,23 @@ def _exit_with_parent(parent: int):
             raise OSError("prctl failed")
     except (OSError, AttributeError):  # not Linux
         def watch():
-            while os.getppid() == parent:
+            while _alive(parent):
                 time.sleep(1.0)
             os._exit(0)
 
         threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:  # it died before the signal was armed
+    if not _alive(parent):  # it died before the signal was armed
         os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
 
 
 def symbolic_available() -> bool:

@@ -223,16 +223,16 @@ def hint_predictions(predictions: list[MetaPrediction | None], generator: torch.
     return [candidates[int(i)] for i in torch.randint(len(candidates), (draws,), generator=generator)]
 
 
-MAX_HINT_NOTIONS, MAX_NOTION_CHARS = 8, 80  # a hint is model-written text put in a prompt: keep it short
+MAX_HINT_NOTIONS, MAX_HINT_NOTION_CHARS = 8, 80  # a hint is model-written text put in a prompt: keep it short
 
 
 def hint_text(prediction: MetaPrediction, notions_template: str, length_template: str = "") -> str:
     """The text a hint appends to the solution prompt: `notions_template` with {notions} (at most
-    MAX_HINT_NOTIONS, each cut to MAX_NOTION_CHARS), then `length_template` with {length} when given
+    MAX_HINT_NOTIONS, each cut to MAX_HINT_NOTION_CHARS), then `length_template` with {length} when given
     and the prediction has a length."""
     text = ""
     if prediction.notions:
-        notions = [n[:MAX_NOTION_CHARS] for n in prediction.notions[:MAX_HINT_NOTIONS]]
+        notions = [n[:MAX_HINT_NOTION_CHARS] for n in prediction.notions[:MAX_HINT_NOTIONS]]
         text += notions_template.replace("{notions}", ", ".join(notions))
     if length_template and prediction.solution_length is not None:
         text += length_template.replace("{length}", str(prediction.solution_length))

@@ -241,11 +241,15 @@ def grade_batch(responses: list[str], answers: list[str], pool: GraderPool | Non
 _CONSTANT = re.compile(r"\\(?:mathrm|text|operatorname)\{\s*([ie])\s*\}")  # \mathrm{i}: the number i
 
 
+_PUNCTUATION = set(".,;:!?-'\"`") | {"\u2013", "\u2014"}  # what a blank answer may still hold
+
+
 def has_content(answer: str) -> bool:
-    """Whether an answer says anything: a letter, a digit or a LaTeX command (\\infty, \\emptyset)
-    once normalized. A blank or punctuation-only answer (\\boxed{}, \\boxed{.}) is never correct, and a
-    blank gold answer grades nothing as correct: otherwise an empty box would earn the reward."""
-    return re.search(r"[^\W_]|\\[a-zA-Z]", normalize(answer)[0]) is not None
+    """Whether an answer says anything once normalized: not empty and not only sentence punctuation
+    (. , ; : ! ? dashes quotes). \\boxed{}, \\boxed{.} or \\boxed{\\text{}} are never correct, and a gold
+    answer without content grades nothing as correct: otherwise an empty box would earn the reward.
+    Symbols are content: \\infty, \u221e, \\{\\}, \u2205."""
+    return any(c not in _PUNCTUATION for c in normalize(answer)[0])
 
 
 def _clean(answer: str) -> str:
@@ -272,11 +276,12 @@ class MetaPrediction:
 
 _NOTION_KEYS = ("math_notion", "math_notions", "notions", "notion")
 # Bounds that keep parsing and scoring linear in the text whatever a model (or a caller) writes: the
-# meta object must end within the last META_TAIL_CHARS characters of the response, and a
-# prediction keeps at most MAX_NOTIONS notions of at most MAX_NOTION_CHARS characters (longer ones
-# are not notions; they are dropped).
-META_TAIL_CHARS = 8192
-MAX_NOTIONS, MAX_NOTION_CHARS = 16, 80
+# meta object must lie within the last META_TAIL_CHARS characters of the response (more than a whole
+# meta response at the paper's 8,192-token budget, at about 4 characters a token), and a prediction
+# keeps at most MAX_NOTIONS notions of at most MAX_NOTION_CHARS characters (a longer string is not a
+# notion: it is dropped). Predictions within these bounds score exactly as without them.
+META_TAIL_CHARS = 32_768
+MAX_NOTIONS, MAX_NOTION_CHARS = 32, 200
 
 
 def parse_meta(text: str, group_size: int | None = None, max_length: int | None = None) -> MetaPrediction | None:

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,14 @@ def test_bad_arguments_stop_eval_before_any_sampling(tiny, tmp_path, monkeypatch
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_benchmark_in_a_subfolder_is_named_by_its_file(tiny, tmp_path):
+    (tiny / "sub").mkdir(exist_ok=True)
+    shutil.copy(tiny / "five.jsonl", tiny / "sub" / "five.jsonl")
+    main(eval_args(tiny, tmp_path / "out", "sub/five"))
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["results"].keys() == {"five"}
+    assert (tmp_path / "out" / "samples" / "five.json").is_file()
+
+
 def test_finished_benchmarks_are_written_at_once_and_skipped_by_a_rerun(tiny, tmp_path, monkeypatch, capsys):
     import eval as evaluation
 
@@ -193,6 +202,15 @@ def test_finished_benchmarks_are_written_at_once_and_skipped_by_a_rerun(tiny, tm
         assert (out / "samples" / f"{name}.json").read_text() == (reference / "samples" / f"{name}.json").read_text()
     assert json.loads((out / "results.json").read_text())["results"] == \
         json.loads((reference / "results.json").read_text())["results"]
+    # a benchmark file that changed since is run again; the table printed is that of the benchmarks asked for
+    (tiny / "six.jsonl").write_text((tiny / "six.jsonl").read_text().replace('"answer": "6"', '"answer": "7"'))
+    calls.clear()
+    capsys.readouterr()
+    main(eval_args(tiny, out, "six"))
+    assert calls == [6]
+    printed = capsys.readouterr().out
+    assert "| six | 6 |" in printed and "| five |" not in printed  # results.md still holds both
+    assert "| five | 5 |" in (out / "results.md").read_text()
     # other settings into the same --out: an error, before any sampling, unless --redo
     with pytest.raises(SystemExit):
         main(eval_args(tiny, out, "five") + ["--seed", "1"])

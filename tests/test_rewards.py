@@ -142,7 +142,10 @@ def test_blank_or_punctuation_only_answers_are_never_correct(pool):
         assert not grade(response, "  ", pool), response
     for response, gold in ((r"\boxed{}", "5"), (r"\boxed{.}", "."), (r"\boxed{,}", ","), (r"\boxed{-}", "-")):
         assert not grade(response, gold, pool), (response, gold)
-    assert grade(r"\boxed{\infty}", r"\infty", pool) and grade(r"\boxed{B}", r"\text{(B)}", pool)  # content
+    # symbols are content: these were graded right before the rule and still are
+    for response, gold in ((r"\boxed{\infty}", r"\infty"), (r"\boxed{B}", r"\text{(B)}"), ("\\boxed{\u221e}", "\u221e"),
+                           ("\\boxed{\u2205}", "\u2205"), (r"\boxed{\{\}}", r"\{\}"), ("\\boxed{90\u00b0}", "90")):
+        assert grade(response, gold, pool), (response, gold)
 
 
 def test_loading_skips_rows_with_a_blank_answer_and_names_them(capsys):
@@ -454,7 +457,7 @@ def test_parse_meta_reads_only_the_tail_and_caps_the_notions():
     assert parse_meta(meta + " " + "x" * META_TAIL_CHARS) is None  # outside the tail
     notions = [f"notion {i}" for i in range(MAX_NOTIONS + 4)] + ["y" * (MAX_NOTION_CHARS + 1)]
     parsed = parse_meta(json.dumps({"math_notion": ["z" * (MAX_NOTION_CHARS + 1)] + notions, "pass_rate": 1}))
-    assert parsed.notions == notions[:MAX_NOTIONS]  # too-long ones dropped, then the first 16 kept
+    assert parsed.notions == notions[:MAX_NOTIONS]  # too-long ones dropped, then the first MAX_NOTIONS kept
 
 
 def test_meta_reward_is_bounded_on_huge_notions_and_outcomes():

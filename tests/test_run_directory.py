@@ -175,6 +175,24 @@ def test_a_resume_that_changes_the_experiment_stops_unless_allowed(assets, two_s
     assert records[3]["config_changes"] == {"optim.lr": [0.001, 0.5]} and [r["step"] for r in records] == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_from_before_a_new_key_resumes_with_that_key_at_its_default(tmp_path):
+    # checkpoints saved before config.py gained a key (efficient.hint_mode, optim.warmup_from_zero, ...)
+    # ran with its default: that is no change of the experiment
+    import yaml
+
+    from checkpoints import RunDirectoryError, config_changes
+    from config import load_config, to_dict
+
+    cfg = load_config(CONFIG)
+    saved = to_dict(cfg)
+    del saved["efficient"]["hint_mode"], saved["optim"]["warmup_from_zero"], saved["prompt"]["hint_length"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_changes(cfg, tmp_path) == {}
+    changed = load_config(CONFIG, ["efficient.hint_mode=rollout"])  # a real change still stops the resume
+    with pytest.raises(RunDirectoryError, match=r"efficient.hint_mode: 'prompt' -> 'rollout'"):
+        config_changes(changed, tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Values that must be errors before any work
 
