@@ -126,8 +126,11 @@ def as_rational(s: str) -> Fraction | None:
 
 
 def quick_verdict(pred: str, gold: str) -> bool | None:
-    """True/False when cheap checks decide, None when a symbolic check is needed."""
+    """True/False when cheap checks decide, None when a symbolic check is needed. An answer without
+    content on either side (has_content) is False."""
     (p, p_pct), (g, g_pct) = normalize(pred), normalize(gold)
+    if not (_says_something(p) and _says_something(g)):
+        return False
     # "x = 5" answers "5", but "y = 3" does not answer "x = 3": drop a one-letter assignment only
     # when the other side has none.
     if "=" in p and "=" not in g and (m := _ASSIGNMENT.fullmatch(p)):
@@ -221,7 +224,7 @@ def grade_batch(responses: list[str], answers: list[str], pool: GraderPool | Non
     correct = [False] * len(responses)
     symbolic = []
     for i, (pred, gold) in enumerate(zip(extracted, answers)):
-        if pred is None or len(pred) > MAX_ANSWER_CHARS or not has_content(pred) or not has_content(gold):
+        if pred is None or len(pred) > MAX_ANSWER_CHARS:
             continue
         verdict = quick_verdict(pred, gold)
         if verdict is None:
@@ -249,7 +252,11 @@ def has_content(answer: str) -> bool:
     (. , ; : ! ? dashes quotes). \\boxed{}, \\boxed{.} or \\boxed{\\text{}} are never correct, and a gold
     answer without content grades nothing as correct: otherwise an empty box would earn the reward.
     Symbols are content: \\infty, \u221e, \\{\\}, \u2205."""
-    return any(c not in _PUNCTUATION for c in normalize(answer)[0])
+    return _says_something(normalize(answer)[0])
+
+
+def _says_something(normalized: str) -> bool:
+    return any(c not in _PUNCTUATION for c in normalized)
 
 
 def _clean(answer: str) -> str:
