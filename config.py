@@ -6,7 +6,7 @@ the same configuration, and importing it must not pull in the trainer's distribu
     cfg = load_config("configs/qwen3_8b.yaml", ["optim.lr=2e-6", "rollout.group_size=8"])
     cfg.optim.lr  # 2e-06
 
-Every knob of a run lives here, with its paper value (DESIGN.md §1) as the default and a one-line
+Every knob of a run lives here, with its paper value (docs/method.md §1) as the default and a one-line
 comment. The loader is strict so that a typo cannot silently fall back to a default: an unknown key
 is an error listing the valid keys at that level, and a value of the wrong type is an error naming
 the key and the type it needs. YAML 1.1 reads `1e-6` (no dot) as a string; float fields accept such

@@ -120,7 +120,7 @@ def build_char_tokenizer(path: str | Path, characters: str | None = None, words:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The synthetic task of the CPU demo (DESIGN.md §5)
+# The synthetic task of the CPU demo (docs/method.md §5)
 
 ARITHMETIC_NOTIONS = ["carry", "borrow"]
 # Single tokens of the demo's tokenizer: solutions stay short and notions stay visible, and a meta

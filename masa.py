@@ -1,18 +1,19 @@
 """The MASA algorithm as plain functions over one step's records: prompts for both paths, group
 advantages, the PPO-clip loss and its aggregation, predictive gating, early-cutoff budgets, notion
-hints, meta rewards and expert meta trajectories for behaviour cloning (DESIGN.md §1; Kim, Jang and
-Yang, arXiv 2510.03259).
+hints, meta rewards and expert meta trajectories for behaviour cloning (docs/method.md §1; Kim, Jang
+and Yang, arXiv 2510.03259).
 
 A step's data is a list of `Episode`s (one per rollout, both paths) and a list of `Prompt`s (one per
-problem). train.collect samples and grades them, then calls the stages here in order:
-    steer (gating, cutoff budgets, hints) -> [sample, grade: train.py] -> score_meta
-    -> assign_advantages -> expert_targets
-Each stage reads and fills fields of the records, and each can be checked against DESIGN.md §1 on
-its own. Everything here knows nothing of models, devices, tokenizers or processes; kernels/ supplies
-the fused log-probs and advantages.
+problem). train.py samples and grades them and calls the stages here in this order:
+    steer (gating, cutoff budgets, hints; MASA-efficient only) -> [sample, grade: train.py]
+    -> score_solutions -> score_meta -> assign_advantages -> expert_targets
+and, in its update, policy_loss on each micro-batch. Each stage reads and fills fields of the
+records, and each can be checked against docs/method.md §1 on its own.
 
-Not here: the step loop, distributed reductions (the loss takes the global token and sequence counts
-as arguments), tokenization.
+Not here: models, devices, tokenizers and processes. The prompts' token ids (chat template
+included) come from data.py, the log-probs from model.py's fused forward, the step loop and the
+distributed reductions from train.py (the loss takes the global token and sequence counts as
+arguments). group_advantages calls masa_kernels.group_advantages (Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
+import masa_kernels
 from rewards import MetaPrediction, Outcome, meta_reward
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,8 +49,8 @@ class Prompt:
 
 @dataclass
 class Episode:
-    """One rollout, from the sampler to the loss. train.py fills the first six fields when it samples
-    (and `correct` when it grades); the stages below fill the rest."""
+    """One rollout, from the sampler to the loss. train.py fills the first six fields and `prediction`
+    when it samples (and `correct` when it grades); the stages below fill the rest."""
     prompt_index: int  # Prompt.index of its prompt
     path: str  # "solution" | "meta"
     prompt_ids: list[int] = field(repr=False)
@@ -65,7 +66,7 @@ class Episode:
     #                       with efficient.cutoff_in_loss false, cut solution rollouts
 
 # ---------------------------------------------------------------------------------------------------
-# Prompts (the chat template is applied by the tokenizer in train.py)
+# Prompts (the text; data.py wraps it in the chat template)
 
 
 def solution_prompt(problem: str, template: str, hint: str = "") -> str:
@@ -88,13 +89,13 @@ def meta_prompt(problem: str, template: str, group_size: int, max_length: int) -
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """rewards [groups * group_size] -> (r - mean) / (std + eps) per consecutive group (sample std);
     0 for a group whose rewards are all equal. Solution groups (G) and meta groups (M) are normalized
-    separately by calling this once for each. Step 3 of DESIGN.md §1. A NaN or infinite reward is an
+    separately by calling this once for each. Step 3 of docs/method.md §1. A NaN or infinite reward is an
     error: it would silently zero its whole group's advantages."""
     bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"rewards at positions {bad[:8]} are not finite ({rewards[bad[0]].item()}): every reward "
                          f"must be a finite number; a grader or meta reward produced this")
-    return kernels.group_advantages(rewards.float(), group_size, eps)
+    return masa_kernels.group_advantages(rewards.float(), group_size, eps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 mask: torch.Tensor, scale: LossScale, clip_low: float = 0.2, clip_high: float = 0.28,
                 aggregation: str = "token-mean", ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
                 entropy: torch.Tensor | None = None, entropy_coef: float = 0.0, dual_clip: float = 0.0):
-    """Token-level PPO-clip loss (step 4 of DESIGN.md §1) for one micro-batch.
+    """Token-level PPO-clip loss (step 4 of docs/method.md §1) for one micro-batch.
 
     logprobs, old_logprobs [B, T] float32: log pi(token) now and at sampling time (equal tensors on the
         first pass over a batch: the ratio is exactly 1 and the gradient is the plain policy gradient);
@@ -335,7 +336,7 @@ def score_meta(prompts: list[Prompt], solutions: list[Episode], meta: list[Episo
 
 def assign_advantages(solutions: list[Episode], meta: list[Episode], group_size: int, meta_group_size: int,
                       device: torch.device | str = "cpu"):
-    """Group-normalized advantages (step 3 of DESIGN.md §1): the G solution rollouts of a prompt form
+    """Group-normalized advantages (step 3 of docs/method.md §1): the G solution rollouts of a prompt form
     one group, the M meta rollouts of a prompt another. Episodes come grouped by prompt, as sampled.
     Computed on `device` (the trainer's: on CUDA, the Triton kernel)."""
     for episodes, size in ((solutions, group_size), ([e for e in meta if e.in_loss], meta_group_size)):

@@ -16,9 +16,9 @@ Two forwards, one module:
   the model computes at pad positions is masked out of the loss by the caller.
 - decoding: `model(input_ids, cache=PagedKVCache(...), start=..., block_table=..., kv_len=...)`: keys
   and values in a pool of fixed-size blocks that many sequences share, addressed through a block
-  table (decode attention: kernels.paged_decode_attention); see `PagedKVCache` for the contract.
+  table (decode attention: masa_kernels.paged_decode_attention); see `PagedKVCache` for the contract.
 `return_hidden=True` returns the final-norm hidden states instead of logits, so that the fused
-log-prob kernel (kernels/) or the sampler can apply the lm_head to just the rows they need.
+log-prob kernel (masa_kernels/) or the sampler can apply the lm_head to just the rows they need.
 
 Not here: mixture-of-experts Qwen3, sliding-window attention, RoPE scaling (YaRN), tensor
 parallelism, the tokenizer. A checkpoint that needs one of these is refused with a message.
@@ -154,7 +154,7 @@ class PagedKVCache:
     - T > 1 (prefill): start must be 0 and the rows unpadded (the same T); attention is dense and
       causal over the T tokens (SDPA), nothing is read from the pool;
     - T = 1 (decode): the token attends to its sequence's start[b] + 1 live positions, wherever their
-      blocks lie (kernels.paged_decode_attention); `kv_len` bounds start + 1 from above (a host-side
+      blocks lie (masa_kernels.paged_decode_attention); `kv_len` bounds start + 1 from above (a host-side
       number, so that the kernel needs no device sync to size its work).
     Sequences may share blocks (a prompt's full blocks, written once, in every sample's table).
     """
@@ -196,9 +196,9 @@ class Attention(nn.Module):
             if T > 1:  # prefill from position 0: the row's own keys are all there is to attend to
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
-                import kernels
+                import masa_kernels
 
-                out = kernels.paged_decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx],
+                out = masa_kernels.paged_decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx],
                                                      table, lengths, kv_len)[:, :, None]  # [B, H, 1, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -270,7 +270,7 @@ class Qwen3(nn.Module):
         Without `cache`: causal attention over the T tokens at positions 0..T-1 (training forward).
         With `cache`: see `PagedKVCache` for `start`, `block_table` and `kv_len`.
         With `targets` [B, T] (the token that follows each position): returns (log p(target), entropy),
-        each [B, T] float32 under softmax(logits / temperature), through kernels.linear_token_logprobs,
+        each [B, T] float32 under softmax(logits / temperature), through masa_kernels.linear_token_logprobs,
         so full logits never exist. Computing them inside forward also lets FSDP keep the lm_head
         weight gathered exactly while it is used.
         """
@@ -295,9 +295,9 @@ class Qwen3(nn.Module):
                 x = layer(x, cos, sin, cache, slots)
         x = self.norm(x)
         if targets is not None:
-            import kernels
+            import masa_kernels
 
-            logprobs, entropy = kernels.linear_token_logprobs(x, self.output_weight, targets, temperature)
+            logprobs, entropy = masa_kernels.linear_token_logprobs(x, self.output_weight, targets, temperature)
             return logprobs.clone(), entropy.clone()  # not views: FSDP's backward hooks need fresh outputs
         return x if return_hidden else self.logits(x)
 

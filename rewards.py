@@ -1,4 +1,4 @@
-"""Rewards: grading final answers, parsing meta predictions, and the three meta rewards (DESIGN.md §1).
+"""Rewards: grading final answers, parsing meta predictions, and the three meta rewards (docs/method.md §1).
 
 The reward is the only signal RL has, so each step here is chosen to be hard to fool:
 
@@ -19,7 +19,7 @@ The reward is the only signal RL has, so each step here is chosen to be hard to 
 - `parse_meta`: a small lenient JSON reader (no `eval` either) that accepts what models write:
   pretty-printed or compact, single quotes, Python literals, trailing commas, code fences, prose
   around it. The last object that carries a meta key wins.
-- `meta_reward`: pass-rate, length and notion rewards and their mean, exactly as DESIGN.md §1.
+- `meta_reward`: pass-rate, length and notion rewards and their mean, exactly as docs/method.md §1.
 """
 
 from __future__ import annotations

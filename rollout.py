@@ -1,4 +1,4 @@
-"""The batched sampler that produces GRPO rollouts from model.py's Qwen3 (DESIGN.md §2).
+"""The batched sampler that produces GRPO rollouts from model.py's Qwen3 (docs/method.md §2).
 
     rollouts = generate(model, prompts, SamplingParams(n=16, max_new_tokens=8192), budgets=..., seed=0)
     rollouts[i][j].token_ids, .logprobs, .finish_reason   # sample j of prompt i
@@ -19,7 +19,7 @@ sequence meets them.
   too small for one sequence at its full budget is refused with the memory it needs.
 - The decode step (`_Engine.step`): one token for every lane up to the last occupied one, [rows, 1]
   through the paged forward; attention reads each sequence's own live positions
-  (kernels.paged_decode_attention). Sampling, the stop check, the per-sequence budget and the
+  (masa_kernels.paged_decode_attention). Sampling, the stop check, the per-sequence budget and the
   recording of tokens and log-probs stay on the device. On CUDA the step runs as CUDA graphs, one per
   batch-size bucket (_DecodeGraphs; graphs=False turns them off).
 - The host sync (every `sync_every` steps: 1 on a CPU, 16 on a GPU): harvest finished sequences,
@@ -28,8 +28,9 @@ EngineStats counts what the engine did in hardware-independent units (bench/samp
 
 Sampling noise is per sequence: the token at position t of sample j of a prompt with stream s is
 drawn by inverse CDF from one uniform that is a pure function of (seed, s, j, t) (Philox;
-kernels.sample_tokens). So tokens do not depend on the lanes, the pool size, preemption, batch
-composition or, in train.py (streams = global prompt indices), the number of ranks. Greedy output
+masa_kernels.sample_tokens). So tokens do not depend on the lanes, the pool size, preemption, batch
+composition or, for train.py's training rollouts (streams from global prompt indices: 2i on the meta
+path, 2i + 1 on the solution path), the number of ranks. Greedy output
 (temperature 0) depends on nothing but the model.
 
 Log-probs are those of the distribution each token was drawn from: log softmax(logits / T) with
@@ -51,7 +52,7 @@ from enum import Enum
 
 import torch
 
-import kernels
+import masa_kernels
 from model import PagedKVCache, Qwen3
 
 
@@ -104,19 +105,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, seed: int, streams: tor
            positions: torch.Tensor):
     """logits [B, V] -> (tokens [B] int64, log-probs [B] float32) under the filtered distribution. The
     noise of row b is a function of (seed, streams[b], samples[b], positions[b]) alone
-    (kernels.sample_tokens); temperature 0 is greedy."""
+    (masa_kernels.sample_tokens); temperature 0 is greedy."""
     logits = logits.float()
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    return kernels.sample_tokens(logits, params.temperature, seed, streams, samples, positions, params.top_k,
+    return masa_kernels.sample_tokens(logits, params.temperature, seed, streams, samples, positions, params.top_k,
                                  params.top_p)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The KV pool's bookkeeping
 
-BLOCK_SIZE = 16  # positions per KV block (kernels/paged_attention.py says why 16)
+BLOCK_SIZE = 16  # positions per KV block (masa_kernels/paged_attention.py says why 16)
 TRASH = 0  # block 0 is never handed out: lanes without a sequence write their keys there
 KV_MEMORY_FRACTION = 0.6  # of the free GPU memory, taken by the KV pool when its size is not given
 
@@ -193,7 +194,7 @@ def generate(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     budgets: optional per-prompt token budgets (early cutoff); a sample that reaches its prompt's
         budget before max_new_tokens and before a stop token ends with finish_reason "cutoff".
     streams: optional per-prompt stream ids for the sampling noise (default: the prompt's index);
-        the trainer passes global prompt indices, so that tokens do not depend on the ranks.
+        the trainer derives them from global prompt indices, so that tokens do not depend on the ranks.
     first_samples: optional per-prompt number of its first sample (default 0): sample j of prompt i
         draws the noise of sample first_samples[i] + j of its stream (per-rollout hints give each
         rollout a prompt of its own and keep the noise it would have had as sample j of one prompt).
@@ -516,7 +517,7 @@ class _DecodeGraphs:
     or recomputed); later steps replay the graph: one launch instead of a few hundred kernel launches,
     which at small batches cost more than the kernels themselves. Attention is given kv_len = the block
     table's width, so a size's shapes never change; the kernel still reads only live positions
-    (kernels/paged_attention.py masks by seq_lens, not kv_len). The graphs hold the engine's tensors'
+    (masa_kernels/paged_attention.py masks by seq_lens, not kv_len). The graphs hold the engine's tensors'
     addresses, so they live and die with one generate call; all sizes share one memory pool.
     capture=False (a CPU, in tests) runs the same fixed shapes eagerly: the graph path, less the capture."""
 

@@ -1,4 +1,4 @@
-"""The trainer: GRPO, MASA and MASA-efficient (DESIGN.md §1) on one process or many.
+"""The trainer: GRPO, MASA and MASA-efficient (docs/method.md §1) on one process or many.
 
     python train.py CONFIG [section.key=value ...]                      # one process (CPU or one GPU)
     torchrun --nproc_per_node 8 train.py CONFIG [section.key=value ...] # one node; NCCL on CUDA, gloo on CPU
@@ -9,8 +9,9 @@ One step follows one rollout record, masa.Episode, through these stages (`collec
  2. make_prompts      one masa.Prompt per problem: both paths' prompts, tokenized
  3. sample_step       rollouts on `actor`, the full unsharded copy of the weights: the meta path (M per
                       prompt) and the solution path (G per prompt) in one sampler call; with
-                      MASA-efficient from efficient.gate_start_step on, the meta path first, then
-                      masa.steer (gating, cutoff budgets, notion hints), then the solution path
+                      MASA-efficient from efficient.gate_start_step on (or hint_start_step, when
+                      hints start earlier), the meta path first, then masa.steer (gating, cutoff
+                      budgets, notion hints), then the solution path
  4. grade             each solution's final boxed answer against the gold answer (rewards.py)
  5. masa.score_solutions, masa.score_meta
                       rewards: 1 for a correct, uncut solution; each meta rollout scored against its
@@ -25,9 +26,10 @@ One step follows one rollout record, masa.Episode, through these stages (`collec
                       count, gradient-norm clip, AdamW with linear warmup; a non-finite loss or
                       gradient skips the step and leaves the weights untouched
 11. behaviour_cloning, refresh_actor, then the step's record in metrics.jsonl, validation, checkpoints
-Rollouts are seeded by (seed, step, purpose) and each sequence's noise by its global prompt index
-(rollout.generate's streams), so a resumed run repeats exactly what the uninterrupted run would
-have done, on any number of ranks; checkpoints are written atomically (checkpoints.py).
+Training rollouts are seeded by (seed, step, purpose) and each sequence's noise by a stream derived
+from its global prompt index (rollout.generate's streams), so a resumed run repeats exactly what the
+uninterrupted run would have done, on any number of ranks (the audit's and validation's draws are
+per rank); checkpoints are written atomically (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
-import kernels
 import masa
+import masa_kernels
 from config import Config, load_config
 from data import (WarmStartExamples, load_problems, meta_prompt_ids, solution_prompt_ids, stop_token_ids,
                   training_problems)
@@ -142,9 +144,9 @@ def make_prompts(cfg: Config, tokenizer, problems: list[dict], first: int) -> li
 def sample_step(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer,
                 prompts: list[Prompt]) -> tuple[list[Episode], list[Episode]]:
     """(solution episodes, meta episodes) of this step, each grouped by prompt. MASA-efficient from
-    efficient.gate_start_step on samples the meta path first and lets its predictions steer the
-    solution path (masa.steer: gating, cutoff budgets, hints); otherwise both paths share one sampler
-    call (GRPO: the solution path alone)."""
+    efficient.gate_start_step (or an earlier hint_start_step) on samples the meta path first and lets
+    its predictions steer the solution path (masa.steer: gating, cutoff budgets, hints); otherwise both
+    paths share one sampler call (GRPO: the solution path alone)."""
     G, M = cfg.rollout.group_size, cfg.rollout.meta_group_size
     seed = partial(seed_for, cfg, step, 0)  # the same on every rank: the streams tell sequences apart
     run = partial(sample, cfg, actor, tokenizer)
@@ -652,7 +654,7 @@ def train(cfg: Config):
         if log:
             log.close()
     if env.main:
-        print(f"kernel calls on rank 0: {kernels.usage_report()}")
+        print(f"kernel calls on rank 0: {masa_kernels.usage_report()}")
         print(run_summary(log.file))
         png = plot_training(log.file, Path(cfg.checkpoint.dir) / "curves.png")
         if png:

@@ -5,12 +5,12 @@
 
 In order:
 1. ceilings: the device's copy bandwidth and matmul rate (bf16 on a GPU), measured once;
-2. kernel accuracy: kernels.token_logprobs and kernels.linear_token_logprobs (Triton) in fp32 and
+2. kernel accuracy: masa_kernels.token_logprobs and masa_kernels.linear_token_logprobs (Triton) in fp32 and
    bf16 (bf16 on a GPU only: the CPU interpreter gets bf16 arithmetic wrong) against float64
    references on the same inputs at V = 151936 (2049 on a CPU): log-probs, entropy, gradients; and
-   kernels.paged_decode_attention against its float64 twin at Qwen3-8B's attention shape, with its
+   masa_kernels.paged_decode_attention against its float64 twin at Qwen3-8B's attention shape, with its
    time against the live keys and values it reads;
-3. bench/kernels.py and bench/sampler.py at the sizes their issues name (toy sizes on a CPU);
+3. bench/logprob_kernels.py and bench/sampler.py at the sizes their issues name (toy sizes on a CPU);
 4. a few MASA training steps (train.py, one process) on Qwen3-1.7B shapes with random weights and a
    character tokenizer (real vocabulary size; responses run to their budget, as a random model's do),
    with the paper's sequence lengths scaled down to fit the time: the step time split from
@@ -26,11 +26,11 @@ Every branch of the code that runs only on CUDA, and the row that runs it ("CPU:
 CPU test runs):
 | branch | where | row | CPU |
 |---|---|---|---|
-| Triton kernels, compiled (not interpreted) | kernels/*.py | 2, 3, 4 ("kernels that ran on Triton") | interpreter (tests, --cpu); kernels/aot.py compiles every kernel for sm_90a / sm_80 |
-| `torch.mm(..., out_dtype=float32)` of the chunked log-probs | kernels/logprobs.py `_mm_float` | 2 (linear kernel bf16), 4 | the float32 `@` branch |
-| `torch._assert_async` target check | kernels/logprobs.py `_check_targets` | 5 (out-of-range target) | the host check and its IndexError |
-| block sizes BLOCK_V for CUDA | kernels/logprobs.py, sampling.py | 2, 3, 4 | AOT compile at those sizes |
-| split count from the multiprocessor count | kernels/paged_attention.py | 2 (paged decode attention) | split_count unit test |
+| Triton kernels, compiled (not interpreted) | masa_kernels/*.py | 2, 3, 4 ("kernels that ran on Triton") | interpreter (tests, --cpu); masa_kernels/aot.py compiles every kernel for sm_90a / sm_80 |
+| `torch.mm(..., out_dtype=float32)` of the chunked log-probs | masa_kernels/logprobs.py `_mm_float` | 2 (linear kernel bf16), 4 | the float32 `@` branch |
+| `torch._assert_async` target check | masa_kernels/logprobs.py `_check_targets` | 5 (out-of-range target) | the host check and its IndexError |
+| block sizes BLOCK_V for CUDA | masa_kernels/logprobs.py, sampling.py | 2, 3, 4 | AOT compile at those sizes |
+| split count from the multiprocessor count | masa_kernels/paged_attention.py | 2 (paged decode attention) | split_count unit test |
 | bf16 parameters, FSDP2 MixedPrecisionPolicy | parallel.build_policy | 4 | tests/test_train.py (bf16 policy on fp32 masters) |
 | NCCL process group, 2-hour timeout, cuda:LOCAL_RANK | parallel.setup_distributed | 4 (one rank) | gloo, 1 and 2 processes |
 | KV pool sized from `torch.cuda.mem_get_info` | rollout.py `_Engine` | 3 (sampler), 4 | kv_tokens_that_fit in tests/test_plan.py |
@@ -138,10 +138,10 @@ def run(args, torch) -> list[tuple]:
         rows += paged_attention_check(torch, device, dt, bandwidth, gpu)
 
     # 3. the kernel and sampler benchmarks ---------------------------------------------------------
-    from bench import kernels as kernel_bench
+    from bench import logprob_kernels as kernel_bench
     from bench import sampler as sampler_bench
 
-    print("\n== bench/kernels.py" + (" --cpu --no-compile" if args.cpu else ""))
+    print("\n== bench/logprob_kernels.py" + (" --cpu --no-compile" if args.cpu else ""))
     k = kernel_bench.main(["--cpu", "--no-compile"] if args.cpu else [])
     judged = (lambda ok: ok) if gpu else (lambda ok: None)
     rows.append(("logits kernel fwd+bwd, of bandwidth floor", _pct(k["logits_of_floor"]), ">= 80%",
@@ -190,7 +190,7 @@ def cuda_paths(torch, gpu: bool) -> list[tuple]:
                  torch.equal(first, again) and (state["cuda"] is not None) == gpu))
 
     # a process of its own: a device-side assert leaves the CUDA context unusable
-    code = (f"import torch, kernels\nkernels.token_logprobs(torch.zeros(2, 8, device={device!r}), "
+    code = (f"import torch, masa_kernels\nmasa_kernels.token_logprobs(torch.zeros(2, 8, device={device!r}), "
             f"torch.tensor([1, 9], device={device!r}))\n" + ("torch.cuda.synchronize()\n" if gpu else ""))
     bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     # on CUDA the message may not survive the assert: the assert itself is the check
@@ -224,13 +224,13 @@ def cuda_paths(torch, gpu: bool) -> list[tuple]:
 
 
 def paged_attention_check(torch, device, dtype, bandwidth: float, gpu: bool) -> list[tuple]:
-    """kernels.paged_decode_attention (Triton) against its float64 twin on a shuffled pool: Qwen3-8B's
+    """masa_kernels.paged_decode_attention (Triton) against its float64 twin on a shuffled pool: Qwen3-8B's
     attention shape (32 query / 8 key-value heads of 128) and 64 sequences of up to 8192 positions on
     a GPU, toy sizes on a CPU; on a GPU also its time against the live keys and values it must read."""
-    import kernels
+    import masa_kernels
     from bench.common import sync
-    from kernels import reference
-    from kernels.paged_attention import BLOCK_SIZE
+    from masa_kernels import reference
+    from masa_kernels.paged_attention import BLOCK_SIZE
 
     g = torch.Generator(device="cpu").manual_seed(0)
     B, H, Hkv, D, longest = (64, 32, 8, 128, 8192) if gpu else (4, 4, 2, 32, 100)
@@ -245,7 +245,7 @@ def paged_attention_check(torch, device, dtype, bandwidth: float, gpu: bool) -> 
     v_pool = torch.randn(blocks, BLOCK_SIZE, Hkv, D, generator=g).to(device, dtype)
     q = torch.randn(B, H, D, generator=g).to(device, dtype)
     table, lens = table.to(device), lengths.int().to(device)
-    out = kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, longest)
+    out = masa_kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, longest)
     ref = reference.paged_decode_attention(q.double(), k_pool.double(), v_pool.double(), table, lens, longest)
     err = (out.double() - ref).abs().max().item()
     bar = 1e-2 if dtype == torch.bfloat16 else 1e-5
@@ -257,7 +257,7 @@ def paged_attention_check(torch, device, dtype, bandwidth: float, gpu: bool) -> 
         for i in range(12):
             sync(device)
             t0 = time.perf_counter()
-            kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, longest)
+            masa_kernels.paged_decode_attention(q, k_pool, v_pool, table, lens, longest)
             sync(device)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
@@ -270,7 +270,7 @@ def paged_attention_check(torch, device, dtype, bandwidth: float, gpu: bool) -> 
 
 
 def kernel_accuracy(torch, device, dtype, tokens: int, vocab: int, hidden: int) -> list[tuple]:
-    import kernels
+    import masa_kernels
 
     g = torch.Generator(device=device).manual_seed(0)
     logits = (torch.randn(tokens, vocab, device=device, generator=g) * 4).to(dtype).requires_grad_()
@@ -281,8 +281,8 @@ def kernel_accuracy(torch, device, dtype, tokens: int, vocab: int, hidden: int) 
     bar, grad_bar = (1e-3, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-5)
     rows = []
     for label, ours_fn, inputs, ref_logits in [
-        ("logits", lambda: kernels.token_logprobs(logits, targets), [logits], lambda x: x[0]),
-        ("linear", lambda: kernels.linear_token_logprobs(h, w, targets), [h, w], lambda x: x[0] @ x[1].T),
+        ("logits", lambda: masa_kernels.token_logprobs(logits, targets), [logits], lambda x: x[0]),
+        ("linear", lambda: masa_kernels.linear_token_logprobs(h, w, targets), [h, w], lambda x: x[0] @ x[1].T),
     ]:
         logp, entropy = ours_fn()
         grads = torch.autograd.grad((logp.sum() + 0.1 * entropy.sum()), inputs)

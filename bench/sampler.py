@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        hf = Qwen3ForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+        # cast after loading: transformers < 4.56 calls the dtype argument torch_dtype, 5.x dtype
+        hf = Qwen3ForCausalLM.from_pretrained(tmp).to(device=device, dtype=dtype).eval()
     batch = torch.tensor([p for p in prompts[:hf_prompts] for _ in range(args.n)], device=device)
     extra = dict(cache_implementation="static") if big else {}
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)

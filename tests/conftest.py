@@ -8,7 +8,7 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 if not torch.cuda.is_available():
     # Run Triton kernels on the CPU. Triton reads this when a kernel is defined, so it must be set
-    # before `kernels` is first imported.
+    # before `masa_kernels` is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tiny shapes that still exercise what real checkpoints vary: tied and untied embeddings, key/value

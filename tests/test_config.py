@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_defaults_are_the_paper_values():
-    cfg = Config()  # DESIGN.md §1, written out independently of config.py
+    cfg = Config()  # docs/method.md §1, written out independently of config.py
     assert (cfg.rollout.group_size, cfg.rollout.meta_group_size) == (16, 16)
     assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 1.0)
     assert (cfg.rollout.max_prompt_tokens, cfg.rollout.max_response_tokens) == (2048, 8192)

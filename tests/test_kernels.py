@@ -1,16 +1,16 @@
-"""kernels/: the Triton kernels (run by the interpreter on a CPU) against the PyTorch twins, autograd
+"""masa_kernels/: the Triton kernels (run by the interpreter on a CPU) against the PyTorch twins, autograd
 and float64; the twins against exact formulas."""
 
 import numpy as np
 import pytest
 import torch
 
-import kernels
+import masa_kernels
 import masa
-from kernels import reference
+from masa_kernels import reference
 
-logprobs = pytest.importorskip("kernels.logprobs", reason="triton is not installed")
-advantage = pytest.importorskip("kernels.advantage", reason="triton is not installed")
+logprobs = pytest.importorskip("masa_kernels.logprobs", reason="triton is not installed")
+advantage = pytest.importorskip("masa_kernels.advantage", reason="triton is not installed")
 
 
 def random_case(N, V, seed, extreme=False):
@@ -182,16 +182,17 @@ def test_group_advantages_match_the_formula(impl):
 def test_dispatch_follows_masa_kernels(monkeypatch):
     x = torch.tensor([1.0, 0.0, 0.0, 0.0])
     monkeypatch.setenv("MASA_KERNELS", "auto")
-    assert kernels.backend(torch.device("cpu")) == "torch" and kernels.backend(torch.device("cuda")) == "triton"
+    assert masa_kernels.backend(torch.device("cpu")) == "torch"
+    assert masa_kernels.backend(torch.device("cuda")) == "triton"
     for choice in ("torch", "triton"):
         monkeypatch.setenv("MASA_KERNELS", choice)
-        assert kernels.backend(x.device) == choice
-        assert np.allclose(kernels.group_advantages(x, 2).numpy(), formula(x.numpy(), 2), atol=1e-6)
-        lp, _ = kernels.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))
+        assert masa_kernels.backend(x.device) == choice
+        assert np.allclose(masa_kernels.group_advantages(x, 2).numpy(), formula(x.numpy(), 2), atol=1e-6)
+        lp, _ = masa_kernels.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))
         assert abs(lp.item() - np.log(0.25)) < 1e-6
     monkeypatch.setenv("MASA_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MASA_KERNELS='cuda'"):
-        kernels.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))
+        masa_kernels.token_logprobs(torch.zeros(1, 4), torch.tensor([2]))
 
 
 def test_cpu_tensors_never_need_a_gpu_whatever_masa_kernels_says(monkeypatch):
@@ -199,18 +200,19 @@ def test_cpu_tensors_never_need_a_gpu_whatever_masa_kernels_says(monkeypatch):
     CUDA tensors go to Triton; the CPU-side pieces (e.g. the group advantages of CPU rewards) to the twin."""
     monkeypatch.setenv("MASA_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert kernels.backend(torch.device("cuda")) == "triton" and kernels.backend(torch.device("cpu")) == "torch"
-    monkeypatch.setattr(kernels, "usage", type(kernels.usage)())
+    assert masa_kernels.backend(torch.device("cuda")) == "triton"
+    assert masa_kernels.backend(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(masa_kernels, "usage", type(masa_kernels.usage)())
     x = torch.tensor([1.0, 0.0, 0.0, 1.0])
     assert np.allclose(masa.group_advantages(x, 4).numpy(), formula(x.numpy(), 4), atol=1e-6)
-    assert kernels.usage_report() == "group_advantages: torch x 1"
+    assert masa_kernels.usage_report() == "group_advantages: torch x 1"
     monkeypatch.setenv("MASA_KERNELS", "torch")
-    assert kernels.backend(torch.device("cuda")) == "torch"
+    assert masa_kernels.backend(torch.device("cuda")) == "torch"
 
 
 def test_uneven_groups_are_refused():
     with pytest.raises(ValueError, match="groups of 4"):
-        kernels.group_advantages(torch.zeros(10), 4)
+        masa_kernels.group_advantages(torch.zeros(10), 4)
 
 
 def test_benchmark_script_runs_on_the_cpu():
@@ -218,7 +220,7 @@ def test_benchmark_script_runs_on_the_cpu():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / "logprob_kernels.py"
     out = subprocess.run([sys.executable, str(script), "--cpu", "--tokens", "8", "--vocab", "300", "--hidden", "16",
                           "--iters", "1", "--no-compile"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -259,7 +261,7 @@ def test_outputs_can_be_modified_in_place_and_double_backward_is_refused():
 # ---------------------------------------------------------------------------------------------------
 # paged decode attention
 
-paged = pytest.importorskip("kernels.paged_attention", reason="triton is not installed")
+paged = pytest.importorskip("masa_kernels.paged_attention", reason="triton is not installed")
 
 
 def paged_case(lengths, heads, kv_heads, head_dim, seed=0, shared_first_block=False):
@@ -321,7 +323,7 @@ def test_paged_decode_attention_reads_a_shared_prompt_block_for_both_sequences(m
     q, k_pool, v_pool, table, keys, values = paged_case([40, 23], 4, 2, 16, seed=1, shared_first_block=True)
     assert table[0, 0] == table[1, 0]
     monkeypatch.setenv("MASA_KERNELS", "triton")
-    ours = kernels.paged_decode_attention(q.float(), k_pool.float(), v_pool.float(), table,
+    ours = masa_kernels.paged_decode_attention(q.float(), k_pool.float(), v_pool.float(), table,
                                           torch.tensor([40, 23], dtype=torch.int32), 40)
     assert (ours.double() - dense_attention(q, keys, values)).abs().max() <= 1e-5
 
@@ -334,7 +336,7 @@ def test_split_count_fills_the_gpu_without_tiny_splits():
 
 def test_every_triton_kernel_compiles_for_sm90a_and_sm80_without_spills():
     """The interpreter accepts code that the real compiler rejects: compile each kernel ahead of time
-    (kernels/aot.py, no GPU needed) and read registers and spills from ptxas."""
+    (masa_kernels/aot.py, no GPU needed) and read registers and spills from ptxas."""
     import os
     import subprocess
     import sys
@@ -342,7 +344,7 @@ def test_every_triton_kernel_compiles_for_sm90a_and_sm80_without_spills():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-m", "kernels.aot"], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-m", "masa_kernels.aot"], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1], timeout=600)
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "sm_" in line]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -353,7 +355,7 @@ def test_every_triton_kernel_compiles_for_sm90a_and_sm80_without_spills():
 # ---------------------------------------------------------------------------------------------------
 # sampling from per-sequence counter-based streams
 
-sampling = pytest.importorskip("kernels.sampling", reason="triton is not installed")
+sampling = pytest.importorskip("masa_kernels.sampling", reason="triton is not installed")
 
 
 def test_philox_matches_the_known_answers_of_random123():

@@ -120,7 +120,7 @@ def test_a_non_finite_reward_is_an_error_not_a_zero_advantage():
 def test_group_advantages_normalize_each_group_alone():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     adv = group_advantages(rewards, 4)
-    std = torch.tensor([1.0, 0, 0, 0]).std()  # sample std, as kernels/ documents
+    std = torch.tensor([1.0, 0, 0, 0]).std()  # sample std, as masa_kernels/ documents
     assert torch.allclose(adv[:4], (torch.tensor([1.0, 0, 0, 0]) - 0.25) / (std + 1e-6))
     assert (adv[4:] == 0).all()
 

@@ -108,7 +108,7 @@ def episodes(data, path, prompt):
 
 
 def normalized(rewards):
-    """(r - mean) / (sample std + 1e-6) of one group, 0 when all are equal (DESIGN.md §1, step 3)."""
+    """(r - mean) / (sample std + 1e-6) of one group, 0 when all are equal (docs/method.md §1, step 3)."""
     mean, std = statistics.fmean(rewards), statistics.stdev(rewards)
     return [0.0] * len(rewards) if std == 0 else [(r - mean) / (std + 1e-6) for r in rewards]
 

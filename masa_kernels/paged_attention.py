@@ -19,7 +19,7 @@ float32 accumulation (float32 pools take the exact "ieee" path, not TF32), the q
 to tl.dot's 16 rows. Positions at or past seq_lens are masked, never read. A second small kernel
 combines the splits: with M = max m_s, out = sum acc_s e^(m_s - M) / sum l_s e^(m_s - M).
 
-kernels/aot.py compiles it for sm_90a and sm_80 (127 registers, no spills at head_dim 128). An
+masa_kernels/aot.py compiles it for sm_90a and sm_80 (127 registers, no spills at head_dim 128). An
 earlier version that gathered 64 positions per iteration with a broadcast product instead of
 tl.dot spilled 144-50,000 bytes there, which the interpreter never shows.
 

@@ -1,4 +1,7 @@
-"""Fused kernels for the trainer's hot spots, each with a plain-PyTorch twin (reference.py).
+"""Triton kernels for the hot spots of the trainer (log-probs, advantages) and of the sampler (decode
+attention, sampling), each with a plain-PyTorch twin (reference.py). The package is called
+masa_kernels, not kernels: transformers 5 imports Hugging Face's `kernels` distribution, which a
+top-level `kernels` here would hide (docs/method.md §2).
 
     token_logprobs(logits, targets, temperature=1.0) -> (logprobs, entropy)
     linear_token_logprobs(hidden, weight, targets, temperature=1.0) -> (logprobs, entropy)
@@ -22,7 +25,7 @@ from collections import Counter
 
 import torch
 
-from kernels import reference
+from masa_kernels import reference
 
 _CHOICES = ("auto", "triton", "torch")
 usage: Counter = Counter()  # (kernel, "triton" | "torch") -> calls in this process
@@ -53,7 +56,7 @@ def _pick(name: str, device: torch.device, module: str, triton_ok: bool = True):
 
 def _triton(module: str):
     try:
-        return __import__(f"kernels.{module}", fromlist=[module])
+        return __import__(f"masa_kernels.{module}", fromlist=[module])
     except ImportError as e:
         raise ImportError(f"MASA_KERNELS asks for Triton, which cannot be imported ({e}); install triton "
                           f"or set MASA_KERNELS=torch") from e
@@ -81,14 +84,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
     """Decode attention of one query token per sequence over its live positions in a paged KV pool
-    (kernels/paged_attention.py): q [B, H, D], pools [blocks, BS, Hkv, D] -> [B, H, D]."""
+    (masa_kernels/paged_attention.py): q [B, H, D], pools [blocks, BS, Hkv, D] -> [B, H, D]."""
     impl = _pick("paged_decode_attention", q.device, "paged_attention")
     return impl.paged_decode_attention(q, k_pool, v_pool, block_table, seq_lens, max_len)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, seed: int, streams: torch.Tensor, samples: torch.Tensor,
                   positions: torch.Tensor, top_k: int = -1, top_p: float = 1.0):
-    """One token per row of logits [B, V] from per-sequence counter-based noise (kernels/sampling.py):
+    """One token per row of logits [B, V] from per-sequence counter-based noise (masa_kernels/sampling.py):
     the draw depends only on (seed, stream, sample, position), never on the batch. The Triton kernel
     has no top-k / top-p; with either, the PyTorch twin samples from the same uniforms."""
     impl = _pick("sample_tokens", logits.device, "sampling", triton_ok=top_k == -1 and top_p >= 1)

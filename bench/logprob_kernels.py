@@ -1,7 +1,7 @@
 """Speed and memory of the log-prob kernels against eager PyTorch, torch.compile and Liger-Kernel.
 
-    python bench/kernels.py            # on CUDA: N=16384 tokens, H=4096, V=151936, bf16
-    python bench/kernels.py --cpu      # tiny shapes on a CPU (Triton interpreted): checks the script runs
+    python bench/logprob_kernels.py            # on CUDA: N=16384 tokens, H=4096, V=151936, bf16
+    python bench/logprob_kernels.py --cpu      # tiny shapes on a CPU (Triton interpreted): checks the script runs
 
 Each implementation computes log p(target) and the entropy for N tokens and backpropagates a loss
 that uses both (forward + backward), timed as the median of `--iters` runs after warm-up (CUDA
@@ -11,7 +11,7 @@ events on a GPU). Peak memory is what the call allocates beyond its inputs. Two 
   them again and write their gradient in backward: 3 N V x element size) divided by the device's
   measured copy bandwidth; the kernel's "of floor" column is floor time / measured time.
 - linear: given hidden [N, H] and the lm_head weight [V, H]. Eager is matmul + the eager logits
-  path; ours is kernels.linear_token_logprobs; Liger's fused linear cross-entropy (if installed) is
+  path; ours is masa_kernels.linear_token_logprobs; Liger's fused linear cross-entropy (if installed) is
   an outside reference (it computes no entropy, so it does less work).
 """
 
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     V = args.vocab or (151936 if big else 2049)
     iters = args.iters or (20 if big else 2)
     dtype = torch.bfloat16 if big else torch.float32  # the interpreter mishandles bf16 arithmetic
-    from kernels import logprobs
+    from masa_kernels import logprobs
 
     g = torch.Generator(device=device).manual_seed(0)
     hidden = (torch.randn(N, H, device=device, generator=g) * 0.5).to(dtype).requires_grad_()

@@ -1,4 +1,4 @@
-"""Triton kernel for group-normalized advantages (GRPO, DESIGN.md §1 step 3).
+"""Triton kernel for group-normalized advantages (GRPO, docs/method.md §1 step 3).
 
 One program per group: load its G rewards, take the mean and the sample standard deviation
 (divisor G - 1, as in reference.py), write (r - mean) / (std + eps), or 0 for a group whose rewards

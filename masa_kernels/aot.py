@@ -1,7 +1,7 @@
-"""Ahead-of-time compilation of every Triton kernel in kernels/ for the GPUs this project runs on
+"""Ahead-of-time compilation of every Triton kernel in masa_kernels/ for the GPUs this project runs on
 (sm_90a: H100/H200, sm_80: A100), on any machine: no GPU needed.
 
-    python -m kernels.aot      # compiles each kernel variant for each target; prints a table and
+    python -m masa_kernels.aot      # compiles each kernel variant for each target; prints a table and
                                # exits 1 on a compile error or a register spill
 
 Why: the tests run the kernels under TRITON_INTERPRET=1, which executes them with NumPy and accepts
@@ -28,7 +28,7 @@ TARGETS = {"sm_90a": 90, "sm_80": 80}
 
 def variants() -> list[tuple[str, object, dict, dict, int]]:
     """(name, jit function, signature, constants, num_warps) for every launch configuration."""
-    from kernels import advantage, logprobs, paged_attention, sampling
+    from masa_kernels import advantage, logprobs, paged_attention, sampling
 
     out = []
     for dtype in ("fp32", "bf16"):
