@@ -123,7 +123,18 @@ def lock(cfg: Config):
                 f"other's checkpoints. Choose another checkpoint.dir, or, if that run is gone, delete {path}.")
     with os.fdopen(fd, "w") as f:
         json.dump(me, f)
-    atexit.register(_unlock, path, me["pid"])
+    _held.append((path, me["pid"]))
+    if len(_held) == 1:
+        atexit.register(unlock)
+
+
+_held: list[tuple[Path, int]] = []  # the lock files this process took, with its pid
+
+
+def unlock():
+    """Remove the lock files this process took (at exit, or before an exit that skips exit handlers)."""
+    while _held:
+        _unlock(*_held.pop())
 
 
 def _alive(pid: int | None) -> bool:

@@ -171,6 +171,19 @@ def symbolic_equal(pred: str, gold: str) -> bool:
     return not _values_differ(g, p)
 
 
+def _value_order(item):
+    """A sort key for a set's members: a real number's value, a tuple's keys in turn (so the pairs of
+    "all pairs (x, y)" answers sort alike however they were listed). TypeError for anything else."""
+    import sympy
+
+    if isinstance(item, sympy.Tuple):
+        return tuple(_value_order(a) for a in item.args)
+    value = sympy.N(item, 30) if isinstance(item, sympy.Expr) else None
+    if value is None or not (value.is_number and value.is_real):
+        raise TypeError(f"no value order for {item!r}")
+    return float(value)
+
+
 def _values_differ(g, p) -> bool:
     """Whether two expressions math-verify called equal have different values at 50 digits: numbers,
     expressions (at a few rational points) and same-shaped tuples, sets, intervals and matrices of
@@ -185,8 +198,8 @@ def _values_differ(g, p) -> bool:
             return False
         if isinstance(g, sympy.FiniteSet):  # compare sets in value order
             try:
-                items_g, items_p = sorted(items_g, key=sympy.N), sorted(items_p, key=sympy.N)
-            except TypeError:  # not all real numbers: no order to compare in
+                items_g, items_p = sorted(items_g, key=_value_order), sorted(items_p, key=_value_order)
+            except TypeError:  # not all real numbers, or numbers mixed with tuples: no order to compare in
                 return False
         return any(_values_differ(a, b) for a, b in zip(items_g, items_p))
     if not (isinstance(g, sympy.Expr) and isinstance(p, sympy.Expr)) or g.free_symbols != p.free_symbols:

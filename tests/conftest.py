@@ -11,6 +11,20 @@ if not torch.cuda.is_available():
     # before `masa_kernels` is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def child_env(threads: int = 1, **changes: str | None) -> dict[str, str]:
+    """The environment for a process a test starts: this one's, with the thread count fixed (a float
+    sum's rounding depends on how many threads split it, so a child left to inherit the caller's
+    OMP_NUM_THREADS could disagree in the last bits with a reference run) and `changes` applied (None
+    removes a variable). Every test that starts a Python process passes it."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
 # Tiny shapes that still exercise what real checkpoints vary: tied and untied embeddings, key/value
 # head ratios 1, 2 and 4, a head_dim other than hidden / heads, attention biases, a non-default theta.
 TINY_HF_CONFIGS = {

@@ -7,6 +7,8 @@ from pathlib import Path
 from data import ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, arithmetic_problems, arithmetic_solution, build_char_tokenizer
 from rewards import extract_answer, grade
 
+from conftest import child_env
+
 
 def test_worked_examples_from_the_design():
     assert arithmetic_solution(14, 98, "+").splitlines() == ["4+8+0=12carry1", "1+9+1=11carry1", r"\boxed{112}"]
@@ -49,7 +51,6 @@ def test_tokenizer_ids_do_not_depend_on_the_process(tmp_path):
     """Words of equal length once got ids in set order, which Python randomizes per process: the same
     seed then trained different models. Two processes with different hash seeds must agree."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -58,7 +59,7 @@ def test_tokenizer_ids_do_not_depend_on_the_process(tmp_path):
         code = (f"from data import ARITHMETIC_WORDS, build_char_tokenizer; "
                 f"build_char_tokenizer({str(tmp_path / hash_seed)!r}, words=ARITHMETIC_WORDS)")
         subprocess.run([sys.executable, "-c", code], cwd=root, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+                       env=child_env(PYTHONHASHSEED=hash_seed))
     vocab = [json.loads((tmp_path / s / "tokenizer.json").read_text())["model"]["vocab"] for s in ("0", "1")]
     assert vocab[0] == vocab[1]
 

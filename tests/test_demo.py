@@ -42,6 +42,8 @@ from eval import sample_problems, summarize
 from model import Qwen3
 from rewards import GraderPool
 
+from conftest import child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("MASA_DEMO_SEED", 7))
 RL_STEPS = 100
@@ -67,7 +69,7 @@ def test_masa_rl_improves_calibration_without_losing_accuracy(tmp_path):
     run = tmp_path / "run"
     subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "tiny.yaml"), f"train.seed={SEED}",
                     f"train.total_steps={RL_STEPS}", f"checkpoint.dir={run}", f"checkpoint.every={RL_STEPS}",
-                    "log.progress_bar=false"], check=True, capture_output=True)
+                    "log.progress_bar=false"], check=True, capture_output=True, env=child_env(threads=2))
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     digits = tuple(cfg.data.arithmetic_digits)
     problems = arithmetic_held_out(120, 1_000_003 + SEED, arithmetic_problems(cfg.data.arithmetic_count, SEED, digits),

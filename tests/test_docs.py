@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml", ".sh")
            and not {".git", ".venv", "runs", "__pycache__"} & set(p.relative_to(ROOT).parts)]
@@ -22,7 +24,7 @@ def test_the_readme_code_imports_what_it_names():
     assert any("masa_kernels" in line for line in lines) and any("from model import" in line for line in lines)
     # A fresh interpreter in the repository root, as a reader runs the snippets.
     out = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env=child_env())
     assert out.returncode == 0, f"the README's imports fail:\n{out.stderr[-2000:]}"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_checkpoint
+from conftest import child_env, make_tiny_checkpoint
 from data import load_problems
 from eval import main, markdown, pass_at_k, spearman, summarize
 
@@ -220,6 +220,29 @@ def test_finished_benchmarks_are_written_at_once_and_skipped_by_a_rerun(tiny, tm
     assert calls == [5]
 
 
+def test_a_rerun_with_any_other_sampling_setting_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    import eval as evaluation
+
+    out = tmp_path / "out"
+    main(eval_args(tiny, out, "five"))
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny / "model", other_model)
+    changes = {"model": ["--model", str(other_model)], "n": ["--n", "3"], "k": ["--k", "1,2"],
+               "temperature": ["--temperature", "0.5"], "top_p": ["--top-p", "0.9"],
+               "max_new_tokens": ["--max-new-tokens", "5"], "meta": ["--meta"], "meta_n": ["--meta-n", "4"],
+               "meta_max_new_tokens": ["--meta-max-new-tokens", "7"],
+               "config": ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml")],
+               "seed": ["--seed", "1"]}
+    assert set(changes) == set(evaluation.SAMPLING_SETTINGS)
+    monkeypatch.setattr(evaluation, "sample_problems", lambda *a, **k: pytest.fail("sampled after all"))
+    capsys.readouterr()
+    for key, flags in changes.items():
+        with pytest.raises(SystemExit):
+            main(eval_args(tiny, out, "five") + flags)  # argparse keeps the last value of a repeated flag
+        err = capsys.readouterr().err
+        assert "holds results made with other settings" in err and f"({key} " in err, (key, err)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loaders
 
@@ -262,14 +285,13 @@ def test_other_field_names_are_configurable(tmp_path):
 
 
 def test_two_processes_split_the_problems_and_gather_the_same_results(tiny, tmp_path):
-    import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     common = ["--model", str(tiny / "model"), "--benchmarks", str(tiny / "five.jsonl"), "--samples", "2",
               "--temperature", "0", "--max-new-tokens", "10", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     for nproc, out in ((1, "one"), (2, "two")):
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                         f"--nproc_per_node={nproc}"]

@@ -1,10 +1,11 @@
 """bench/gpu_check.sh --cpu: the GPU check's code paths at toy sizes, so the script cannot rot while
 no GPU is at hand. Its accuracy checks (Triton kernels in fp32 against float64) are judged here too."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_check_runs_on_a_cpu_and_passes_its_judged_checks(tmp_path):
     log = tmp_path / "gpu_check.log"
     result = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--cpu", "--log", str(log)], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+                            text=True, timeout=600, env=child_env(threads=2, PYTHON=sys.executable))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout[result.stdout.index("\ncheck "):]
     for check in ["copy bandwidth", "logits kernel float32: log-prob error", "linear kernel float32: relative gradient",

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import masa_kernels
 import masa
+import masa_kernels
 from masa_kernels import reference
+
+from conftest import child_env
 
 logprobs = pytest.importorskip("masa_kernels.logprobs", reason="triton is not installed")
 advantage = pytest.importorskip("masa_kernels.advantage", reason="triton is not installed")
@@ -177,6 +179,10 @@ def test_group_advantages_match_the_formula(impl):
     many = torch.rand(16 * 37, generator=g)
     assert np.allclose(fn(many, 16).numpy(), formula(many.numpy(), 16), rtol=1e-5, atol=1e-6)
     assert (fn(torch.tensor([0.3, 0.7]), 1) == 0).all()  # a group of one has no variance
+    # eps matters when the spread is of its order: mean 1e-6, std 2e-6, so (r - mean) / (std + eps) is
+    # [-1/3, -1/3, -1/3, 1]; without eps it would be [-1/2, -1/2, -1/2, 3/2].
+    tiny = fn(torch.tensor([0.0, 0.0, 0.0, 4e-6]), 4)
+    assert np.allclose(tiny.numpy(), [-1 / 3, -1 / 3, -1 / 3, 1.0], rtol=1e-3)
 
 
 def test_dispatch_follows_masa_kernels(monkeypatch):
@@ -222,7 +228,8 @@ def test_benchmark_script_runs_on_the_cpu():
 
     script = Path(__file__).resolve().parents[1] / "bench" / "logprob_kernels.py"
     out = subprocess.run([sys.executable, str(script), "--cpu", "--tokens", "8", "--vocab", "300", "--hidden", "16",
-                          "--iters", "1", "--no-compile"], capture_output=True, text=True, timeout=600)
+                          "--iters", "1", "--no-compile"], capture_output=True, text=True, timeout=600,
+                         env=child_env())
     assert out.returncode == 0, out.stderr
     assert "| logits | ours (Triton) |" in out.stdout and "| linear | ours (chunked + Triton) |" in out.stdout
 
@@ -337,13 +344,11 @@ def test_split_count_fills_the_gpu_without_tiny_splits():
 def test_every_triton_kernel_compiles_for_sm90a_and_sm80_without_spills():
     """The interpreter accepts code that the real compiler rejects: compile each kernel ahead of time
     (masa_kernels/aot.py, no GPU needed) and read registers and spills from ptxas."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env = child_env(TRITON_INTERPRET=None, TRITON_DEFAULT_FP_FUSION="1")
     out = subprocess.run([sys.executable, "-m", "masa_kernels.aot"], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1], timeout=600)
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "sm_" in line]

@@ -3,14 +3,16 @@ hints, experts and the audit on constructed inputs; prompts."""
 
 import json
 import math
+import statistics
+from dataclasses import replace
 
 import pytest
 import torch
 
 from config import Config, ConfigError, load_config
-from masa import (LossScale, cutoff_budgets, expert_target, gate, group_advantages, hint_predictions, hint_text,
-                  meta_prompt, policy_loss, predicted_pass_rates, select_expert, solution_prompt,
-                  uninformative_meta_target)
+from masa import (Episode, LossScale, Prompt, cutoff_budgets, expert_target, gate, group_advantages,
+                  hint_predictions, hint_text, meta_prompt, policy_loss, predicted_pass_rates, select_expert,
+                  solution_prompt, steer, uninformative_meta_target)
 from rewards import MetaPrediction, parse_meta
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,6 +59,14 @@ def test_dual_clip_caps_only_the_tokens_of_negative_advantage_at_c_times_their_a
     assert grad[0, 0] == 0 and grad[0, 1] == pytest.approx(3 / 3) and grad[1, 0] == 0  # d(A ratio)/d log p = A ratio
     same, _ = policy_loss(NEW, OLD, ADV, MASK, SCALE, dual_clip=10.0)  # no ratio reaches 10: nothing changes
     assert same.item() == pytest.approx(policy_loss(NEW, OLD, ADV, MASK, SCALE)[0].item(), rel=1e-7)
+
+
+def test_the_dual_clip_cap_scales_with_the_advantage():
+    # A = -2, ratio 20: PPO-clip gives max(40, 2.56) = 40; the cap is c |A| = 20, not c = 10.
+    new = torch.log(torch.tensor([[20.0]]))
+    capped, _ = policy_loss(new, torch.zeros(1, 1), torch.tensor([-2.0]), torch.ones(1, 1),
+                            LossScale(tokens=1, sequences=1, max_response_tokens=1), dual_clip=10.0)
+    assert capped.item() == pytest.approx(20.0, rel=1e-6)
 
 
 def test_micro_batch_losses_add_up_to_the_batch_loss():
@@ -142,6 +152,14 @@ def test_gate_needs_agreement_near_zero_or_one():
     assert gate(prompts, gate_std=0.1, gate_eps=0.05) == [True, True, False, False, False, False, False]
 
 
+def test_gate_measures_agreement_by_the_population_std():
+    # The M predictions are all there is, not a sample of something larger: their spread is the
+    # population std. Seven 0s and one 0.29: population std 0.0959 (< 0.1, gated), sample std 0.1025.
+    rates = [0.0] * 7 + [0.29]
+    assert statistics.pstdev(rates) < 0.1 < statistics.stdev(rates)
+    assert gate([rates], gate_std=0.1, gate_eps=0.05) == [True]
+
+
 def test_predicted_pass_rates_are_fractions_of_the_group():
     preds = [MetaPrediction(4, 10, []), None, MetaPrediction(None, 10, [])]
     assert predicted_pass_rates(preds, 16) == [0.25, None, None]
@@ -152,6 +170,32 @@ def test_cutoff_budgets_use_the_median_prediction():
     assert cutoff_budgets(lengths, factor=2.0, max_response_tokens=8192) == [400, 30, 8192, 8192, 2]
     assert cutoff_budgets([[101]], factor=1.5, max_response_tokens=8192) == [152]  # ceil(151.5)
     assert cutoff_budgets([[10, 10, 100]], factor=2.0, max_response_tokens=8192) == [20]  # median 10 (mean: 40)
+
+
+def steered(predictions: list[list[tuple[int, int]]], **efficient) -> list[Prompt]:
+    """Prompts after masa.steer at step 0, G = 16, from each prompt's (pass_rate, length) predictions."""
+    cfg = Config()
+    prompts = [Prompt(i, f"problem {i}", "1") for i in range(len(predictions))]
+    meta = [Episode(i, "meta", [1], [2], prediction=MetaPrediction(k, n, [])) for i, ps in enumerate(predictions)
+            for k, n in ps]
+    switches = replace(cfg.efficient, gating=True, cutoff=True, gate_start_step=0, **efficient)
+    steer(prompts, meta, switches, 0, 16, 8192, [0] * len(prompts), cfg.prompt)
+    return prompts
+
+
+def test_steer_gates_with_the_configured_std_and_eps():
+    # gate_std 0.1, gate_eps 0.05. Every prediction "1 of 16": std 0 but mean 0.0625 > eps, not gated
+    # (were std and eps swapped, it would be). Fifteen "0 of 16" and one "5 of 16": mean 0.0195,
+    # population std 0.0756 < 0.1, gated (swapped: 0.0756 > 0.05, not gated).
+    prompts = steered([[(1, 50)] * 16, [(0, 50)] * 15 + [(5, 50)]], gate_std=0.1, gate_eps=0.05)
+    assert [p.gated for p in prompts] == [False, True]
+
+
+def test_steer_sets_budgets_with_the_configured_cutoff_factor():
+    # Median predicted length 10 (and 101): budget ceil(factor x median), capped at the response budget.
+    predictions = [[(8, 10), (8, 9), (8, 30)], [(8, 101)], [(8, 6000)]]
+    assert [p.budget for p in steered(predictions, cutoff_factor=1.5)] == [15, 152, 8192]
+    assert [p.budget for p in steered(predictions, cutoff_factor=2.0)] == [20, 202, 8192]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,6 +234,7 @@ def test_hint_text_with_and_without_the_length():
 def test_expert_is_the_best_meta_rollout_above_the_threshold():
     assert select_expert([0.2, 0.95, 0.95, 0.4], threshold=0.9) == 1  # first of the tied best
     assert select_expert([0.2, 0.85], threshold=0.9) is None
+    assert select_expert([0.5, 0.9], threshold=0.9) == 1  # reaching the threshold is enough
     assert select_expert([], threshold=0.0) is None
 
 

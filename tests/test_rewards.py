@@ -13,6 +13,8 @@ import pytest
 from rewards import (GraderPool, MetaPrediction, Outcome, extract_answer, grade, grade_batch, meta_reward,
                      normalize, normalize_notion, parse_meta)
 
+from conftest import child_env
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -34,6 +36,7 @@ def pool():
     (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
     (r"nested \boxed{x^{2^{3}}} done", r"x^{2^{3}}"),
     (r"\fbox{7}", "7"),
+    (r"\fbox{1} then \boxed{2}", "2"), (r"\boxed{1} then \fbox{2}", "2"),  # the last box, whichever command
     (r"\boxed 5 is it", "5"),
     (r"\boxed {5}", "5"), ("\\boxed\n{7}", "7"),
     (r"\boxed{\begin{matrix} a \\ b \end{matrix}}", r"\begin{matrix} a \\ b \end{matrix}"),
@@ -69,6 +72,15 @@ EQUIVALENCE = [
     # several answers, in any order
     ("1, 2", "2, 1", True), ("-3, 5", "5, -3", True), ("1, 2", "1, 3", False), ("1, 2, 3", "1, 2", False),
     (r"\{1, 2\}", r"\{2, 1\}", True),
+    # sets of tuples ("all pairs (x, y)"), listed in another order (shapes from math-verify's own tests)
+    ("(1,2,3,4),(4,3,2,1),(1,1,1,1),(2,2,2,2),(0,1,0,1)",
+     "(0,1,0,1),(2,2,2,2),(1,1,1,1),(4,3,2,1),(1,2,3,4),(1,1,1,1)", True),  # with a duplicate
+    ("(0,0,0),(1,1,1),(2,2,2),(3,3,3),(4,4,4),(5,5,5),(6,6,6),(7,7,7)",
+     "(7;7;7),(6;6;6),(5;5;5),(4;4;4),(3;3;3),(2;2;2),(1;1;1),(0;0;0)", True),  # semicolons
+    (r"(7,11),\ (11,7)", "(11,7)or(7,11)", True), ("(5,2),(7,2)", "p=5,q=2;p=7,q=2", True),
+    ("(1,2),(3,4),(5,6),(7,8)", "(7,8),(5,6),(3,4),(1,2)", True),
+    ("(1,2),(3,4),(5,6),(7,8)", "(7,8),(5,6),(3,4),(1,3)", False),
+    ("(1,2),(3,4)", "(3,4),(1,2.0000001)", False), (r"(\sqrt{2},1),(1,2)", r"(1,2),(\frac{2}{\sqrt{2}},1)", True),
     # units and degrees
     (r"5\text{ cm}", "5", True), ("12", r"12\text{ inches}", True), (r"5\text{ cm}^2", "5", True),
     (r"30^\circ", "30", True), (r"30^{\circ}", r"30^\circ", True), ("30", r"60^\circ", False),
@@ -331,7 +343,7 @@ def report():  # once both workers hold an item that takes minutes, say who they
 threading.Thread(target=report, daemon=True).start()
 grade_batch([r"\\boxed{{9^{{9^{{9^{{9}}}}}}}}", r"\\boxed{{(10^{{100}})!}}"], ["3", "4"], pool)
 """
-    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, env=child_env())
     try:
         workers = [int(pid) for pid in process.stdout.readline().split()]
         assert len(workers) == 2 and all(_running(pid) for pid in workers)

@@ -159,6 +159,18 @@ def test_stop_tokens_budgets_and_max_new_tokens_are_exact(pair):
     assert out[0][0].finish_reason == "stop" and out[1][0].finish_reason == "cutoff"
 
 
+def test_any_of_several_stop_tokens_stops_a_sequence(pair):
+    # Qwen3 runs stop on two ids (<|endoftext|>, <|im_end|>): here only the second one ever occurs.
+    hf, model = pair
+    greedy = [hf_greedy(hf, p, 30) for p in PROMPTS]
+    stop = greedy[0][6]
+    absent = next(t for t in range(97) if all(t not in g for g in greedy))
+    out = generate(model, PROMPTS[:1], SamplingParams(n=1, temperature=0, max_new_tokens=30,
+                                                      stop_token_ids=(absent, stop)))
+    first_stop = greedy[0].index(stop)
+    assert (out[0][0].token_ids, out[0][0].finish_reason) == (greedy[0][:first_stop + 1], "stop")
+
+
 def test_one_token_and_single_token_prompts(pair):
     hf, model = pair
     out = generate(model, [[70], [5, 17, 3]], SamplingParams(n=2, temperature=0, max_new_tokens=1))
@@ -293,6 +305,24 @@ def test_a_sequence_samples_its_own_stream(float64_model):
     assert [r.token_ids for r in together[1]] == [r.token_ids for r in alone[0]]
     other = generate(float64_model, [[4, 5, 6]], params, seed=2, streams=[8])
     assert [r.token_ids for r in other[0]] != [r.token_ids for r in alone[0]]
+
+
+def test_the_noise_of_a_token_is_keyed_by_its_index_in_the_response(float64_model, monkeypatch):
+    # The key is (seed, stream, sample, t) with t = 0 for the first response token, whatever the prompt's
+    # length: a resumed or preempted sequence, or the same response after a longer prompt, draws alike.
+    import rollout
+
+    keys = []
+
+    def recording(logits, params, seed, streams, samples, positions):
+        keys.append((seed, streams.tolist(), samples.tolist(), positions.tolist()))
+        return real(logits, params, seed, streams, samples, positions)
+
+    real = rollout.sample
+    monkeypatch.setattr(rollout, "sample", recording)
+    generate(float64_model, [[4, 5, 6, 7, 8]], SamplingParams(n=2, temperature=1.0, max_new_tokens=5), seed=3,
+             streams=[7])
+    assert keys[:5] == [(3, [7, 7], [0, 1], [t, t]) for t in range(5)]
 
 
 def test_first_samples_continue_a_prompts_draws(float64_model):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "test_tiny.yaml"
 
@@ -26,7 +28,7 @@ def command(assets, run_dir, *overrides):
 
 def train(assets, run_dir, *overrides, check=True):
     out = subprocess.run(command(assets, run_dir, *overrides), capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env=child_env())
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -116,12 +118,16 @@ def test_resume_from_names_the_checkpoint(assets, two_steps, tmp_path):
     assert listing(run_dir / "step_000002.set-aside-1") == intact  # the step it replaced, kept
     out = train(assets, run_dir, "train.total_steps=2", "checkpoint.resume_from=step_000007", check=False)
     assert "error: checkpoint.resume_from=step_000007: cannot resume from" in out.stderr and "does not exist" in out.stderr
+    truncate(run_dir / "step_000001" / "rank0.pt")  # a chosen checkpoint is verified like the newest one
+    out = train(assets, run_dir, "train.total_steps=2", "checkpoint.resume_from=step_000001", check=False)
+    assert out.returncode != 0
+    assert "error: checkpoint.resume_from=step_000001: cannot resume from" in out.stderr and "rank0.pt has" in out.stderr
 
 
 def test_a_second_run_on_the_same_directory_stops_at_once_and_a_stale_lock_is_taken_over(assets, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(command(assets, run_dir, "train.total_steps=100"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             stderr=subprocess.DEVNULL, env=child_env())
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "latest").exists():  # the first run holds the lock and has checkpointed

@@ -177,7 +177,7 @@ def test_meta_rewards_and_advantages_per_group_of_m(step):
         assert [e.reward for e in meta] == pytest.approx(scores, abs=1e-9)
         assert [(e.meta_parts["pass_rate"], e.meta_parts["length"], e.meta_parts["notion"]) for e in meta] == \
             [pytest.approx(parts, abs=1e-9) for parts in META_PARTS[prompt]]
-        assert [e.advantage for e in meta] == pytest.approx(normalized(scores), abs=1e-6)
+        assert [e.advantage for e in meta] == pytest.approx(normalized(scores), abs=1e-5)
         assert all(e.advantage != 0 for e in meta[:1])  # MASA's meta path does carry a gradient
     assert episodes(data, "meta", 1)[2].prediction is None
 
@@ -306,3 +306,53 @@ def one_process_group():
     env = parallel.setup_distributed()
     yield env
     dist.destroy_process_group()
+
+
+class UniformSampler:
+    """Stands in for rollout.generate for any G and M: on prompt 0 solution sample j is right for even
+    j, on prompt 1 for j = 0 only; every solution is 10 tokens; meta sample j predicts a pass rate of
+    G - j mod (G + 1) (so G itself first: out of range were M taken for G < it), a length of 10 and no
+    notions."""
+
+    def __init__(self, tokenizer, G):
+        self.tokenizer, self.G, self.counts = tokenizer, G, []
+
+    def __call__(self, model, prompts, params, budgets=None, seed=None, *, counts=None, **kwargs):
+        self.counts.append(list(counts))
+        texts = [self.tokenizer.decode(p) for p in prompts]
+        return [[self.rollout(text, j) for j in range(n)] for text, n in zip(texts, counts)]
+
+    def rollout(self, prompt: str, j: int) -> Rollout:
+        first = "What is 2+3?" in prompt
+        if "Do not solve" in prompt:
+            text = f'{{"math_notion": [], "pass_rate": {self.G - j % (self.G + 1)}, "solution_length": 10}}'
+        else:
+            right = j % 2 == 0 if first else j == 0
+            text = f"\\boxed{{{(5 if first else 8) + (not right)}}}"  # 9 characters
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        return Rollout(ids, [0.0] * len(ids), "stop")
+
+
+@pytest.mark.parametrize("G,M", [(4, 4), (3, 5), (5, 3)])
+def test_every_group_is_the_rollouts_of_one_prompt_and_one_path_for_any_g_and_m(tmp_path_factory, G, M):
+    # The paper has G = M = 16, where a mix-up of the two sizes changes no count; G != M, where it does.
+    tokenizer = build_char_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    cfg = load_config(CONFIG, ["algorithm=masa", f"rollout.group_size={G}", f"rollout.meta_group_size={M}",
+                               f"rollout.max_response_tokens={BUDGET}", "train.batch_size=2"])
+    sampler = UniformSampler(tokenizer, G)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "generate", sampler)
+        patch.setattr(train, "grade_batch", scripted_grades)
+        data = train.collect(cfg, 0, Env(0, 1, torch.device("cpu")), None, tokenizer, None, PROBLEMS[:2])
+    assert sampler.counts == [[M, M, G, G]]  # one call: both meta prompts, then both solution prompts
+    for prompt in range(2):
+        solutions, meta = episodes(data, "solution", prompt), episodes(data, "meta", prompt)
+        assert (len(solutions), len(meta)) == (G, M)
+        rewards = [float(j % 2 == 0 if prompt == 0 else j == 0) for j in range(G)]
+        assert [e.reward for e in solutions] == rewards
+        assert [e.advantage for e in solutions] == pytest.approx(normalized(rewards), abs=1e-5)  # float32
+        # pass-rate part 0.01 ** |p_true - k / G|, length part 1 (every right rollout has 10 tokens), notions 0
+        p_true = sum(rewards) / G
+        scores = [(0.01 ** abs(p_true - (G - j % (G + 1)) / G) + 1.0) / 3 for j in range(M)]
+        assert [e.reward for e in meta] == pytest.approx(scores, abs=1e-9)
+        assert [e.advantage for e in meta] == pytest.approx(normalized(scores), abs=1e-5)
