@@ -4,16 +4,17 @@ hints, meta rewards and expert meta trajectories for behaviour cloning (docs/met
 and Yang, arXiv 2510.03259).
 
 A step's data is a list of `Episode`s (one per rollout, both paths) and a list of `Prompt`s (one per
-problem). train.py samples and grades them and calls the stages here in this order:
-    steer (gating, cutoff budgets, hints; MASA-efficient only) -> [sample, grade: train.py]
+problem). masa_step.py samples and grades them and calls the stages here in this order:
+    steer (gating, cutoff budgets, hints; MASA-efficient only) -> [sample, grade: masa_step.py]
     -> score_solutions -> score_meta -> assign_advantages -> expert_targets
-and, in its update, policy_loss on each micro-batch. Each stage reads and fills fields of the
+and train.py's update calls policy_loss on each micro-batch. Each stage reads and fills fields of the
 records, and each can be checked against docs/method.md §1 on its own.
 
 Not here: models, devices, tokenizers and processes. The prompts' token ids (chat template
-included) come from data.py, the log-probs from model.py's fused forward, the step loop and the
-distributed reductions from train.py (the loss takes the global token and sequence counts as
-arguments). group_advantages calls masa_kernels.group_advantages (Triton on CUDA).
+included) come from data.py, the log-probs from model.py's fused forward, the step's assembly from
+masa_step.py, the loop and the distributed reductions from train.py (the loss takes the global
+token and sequence counts as arguments). group_advantages calls masa_kernels.group_advantages
+(Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -278,6 +279,12 @@ def uninformative_meta_target(rng, group_size: int, max_length: int, notions: li
 def hint_start_step(efficient) -> int:
     """The first step with notion hints: efficient.hint_start_step, or gate_start_step when that is -1."""
     return efficient.gate_start_step if efficient.hint_start_step < 0 else efficient.hint_start_step
+
+
+def steers(efficient, step: int) -> bool:
+    """Whether MASA-efficient samples the meta path first at `step`, for `steer` to act on: from
+    efficient.gate_start_step on, or from hint_start_step when hints start earlier."""
+    return step >= efficient.gate_start_step or (efficient.hints and step >= hint_start_step(efficient))
 
 
 def steer(prompts: list[Prompt], meta: list[Episode], efficient, step: int, group_size: int,

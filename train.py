@@ -4,32 +4,20 @@
     torchrun --nproc_per_node 8 train.py CONFIG [section.key=value ...] # one node; NCCL on CUDA, gloo on CPU
     python train.py CONFIG --plan [--gpus 8] [--gpu-memory 80]          # the memory plan (plan.py)
 
-One step follows one rollout record, masa.Episode, through these stages (`collect`, then `update`):
- 1. step_problems     this rank's contiguous share of the step's B prompts (a group never spans ranks)
- 2. make_prompts      one masa.Prompt per problem: both paths' prompts, tokenized
- 3. sample_step       rollouts on `actor`, the full unsharded copy of the weights: the meta path (M per
-                      prompt) and the solution path (G per prompt) in one sampler call; with
-                      MASA-efficient from efficient.gate_start_step on (or hint_start_step, when
-                      hints start earlier), the meta path first, then masa.steer (gating, cutoff
-                      budgets, notion hints), then the solution path
- 4. grade             each solution's final boxed answer against the gold answer (rewards.py)
- 5. masa.score_solutions, masa.score_meta
-                      rewards: 1 for a correct, uncut solution; each meta rollout scored against its
-                      own prompt's G solutions (a gated prompt's meta rollouts leave the loss)
- 6. masa.assign_advantages
-                      (r - mean) / (std + eps) per group: G solutions, or M meta rollouts, of a prompt
- 7. masa.expert_targets  expert meta trajectories for behaviour cloning (MASA-efficient)
- 8. audit             every efficient.audit_every steps: run what gating and cutoff skipped, outside the loss
- 9. step_metrics      the step's metrics, from the records (sums and counts, added over ranks)
-10. update            the FSDP2-sharded policy: micro-batches sorted by length, log-probs through the
-                      fused kernel inside the model's forward, masa.policy_loss over the global token
-                      count, gradient-norm clip, AdamW with linear warmup; a non-finite loss or
-                      gradient skips the step and leaves the weights untouched
-11. behaviour_cloning, refresh_actor, then the step's record in metrics.jsonl, validation, checkpoints
+Each step of the run loop (`train`):
+ 1. step_problems         this rank's contiguous share of the step's B prompts (a group never spans ranks)
+ 2. masa_step.collect     the step itself, in one file: prompts, rollouts of both paths on `actor` (the
+                          full unsharded copy of the weights), steering, grading, rewards, advantages,
+                          expert targets, the audit and the step's metrics
+ 3. update                the FSDP2-sharded policy: micro-batches sorted by length, log-probs through
+                          the fused kernel inside the model's forward, masa.policy_loss over the global
+                          token count, gradient-norm clip, AdamW with linear warmup; a non-finite loss
+                          or gradient skips the step and leaves the weights untouched
+ 4. behaviour_cloning, refresh_actor, then the step's record in metrics.jsonl, validation, checkpoints
 Training rollouts are seeded by (seed, step, purpose) and each sequence's noise by a stream derived
-from its global prompt index (rollout.generate's streams), so a resumed run repeats exactly what the
-uninterrupted run would have done, on any number of ranks (the audit's and validation's draws are
-per rank); checkpoints are written atomically (checkpoints.py).
+from its global prompt index (masa_step.py), so a resumed run repeats exactly what the uninterrupted
+run would have done, on any number of ranks (the audit's and validation's draws are per rank);
+checkpoints are written atomically (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -51,27 +39,18 @@ import checkpoints
 import masa
 import masa_kernels
 from config import Config, load_config
-from data import (WarmStartExamples, load_problems, meta_prompt_ids, solution_prompt_ids, stop_token_ids,
-                  training_problems)
+from data import WarmStartExamples, load_problems, training_problems
 from eval import plot_training, run_summary, sample_problems
-from masa import Episode, Prompt
+from masa import Episode
+from masa_step import Expert, Purpose, StepData, collect, seed_for
 from model import Qwen3
-from parallel import Env, Tally, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
+from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
 from plan import GIB, memory_plan, model_shape, print_plan
-from rewards import GraderPool, Grades, grade_batch, parse_meta
-from rollout import SamplingParams, generate
+from rewards import GraderPool, grade_batch
+from rollout import generate
 
 # ---------------------------------------------------------------------------------------------------
-# One step's rollouts, rewards and advantages
-
-
-@dataclass
-class StepData:
-    """What `collect` hands to the update and the log."""
-    episodes: list[Episode]  # solution episodes, then meta episodes, each grouped by prompt
-    metrics: Tally  # this rank's step metrics (summed over ranks in train)
-    seconds: dict[str, float] = field(default_factory=dict)  # time_rollout, time_grading, time_audit
-    experts: list[tuple] = field(default_factory=list)  # (step, prompt index, prompt ids, target ids)
+# The step's problems and its validation (the step itself: masa_step.py)
 
 
 def step_problems(problems: list[dict], cfg: Config, step: int, env: Env) -> list[dict]:
@@ -86,202 +65,6 @@ def step_problems(problems: list[dict], cfg: Config, step: int, env: Env) -> lis
     return out
 
 
-def seed_for(cfg: Config, step: int, index: int, purpose: int) -> int:
-    """An independent seed per (run seed, step, index, purpose), where index is a rank (per-rank draws:
-    warm start, audit, validation), a global prompt index (hints) or 0 (rollouts, whose sequences the
-    sampler's streams tell apart): no two draws share a stream."""
-    return int(np.random.SeedSequence([cfg.train.seed, step, index, purpose]).generate_state(1)[0])
-
-
-SEED_JOINT, SEED_SOLUTION, SEED_HINTS, SEED_AUDIT_GATED, SEED_AUDIT_CUT, SEED_VALIDATION, SEED_WARM_START = range(7)
-
-
-def sampling_params(cfg: Config, tokenizer) -> SamplingParams:
-    return SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                          max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))
-
-
-def steers(cfg: Config, step: int) -> bool:
-    """Whether the meta predictions steer this step's solution path (MASA-efficient, once trained:
-    from efficient.gate_start_step on, or earlier for hints with an earlier hint start)."""
-    e = cfg.efficient
-    return cfg.algorithm == "masa_efficient" and (
-        step >= e.gate_start_step or (e.hints and step >= masa.hint_start_step(e)))
-
-
-def collect(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer, pool: GraderPool,
-            problems: list[dict]) -> StepData:
-    """Stages 2-9 of the module docstring for this rank's problems."""
-    G, M = cfg.rollout.group_size, cfg.rollout.meta_group_size
-    started = time.perf_counter()
-    prompts = make_prompts(cfg, tokenizer, problems, first=step * cfg.train.batch_size + env.rank * len(problems))
-    solutions, meta = sample_step(cfg, step, env, actor, tokenizer, prompts)
-    sampled = time.perf_counter()
-    grades = grade(solutions, prompts, pool)
-    seconds = {"time_rollout": sampled - started, "time_grading": time.perf_counter() - sampled}
-    masa.score_solutions(solutions, cfg.efficient.cutoff_in_loss)
-    masa.score_meta(prompts, solutions, meta, G, cfg.meta.pass_rate_base)
-    masa.assign_advantages(solutions, meta, G, M, env.device)
-    experts = []
-    if cfg.algorithm == "masa_efficient" and cfg.efficient.behaviour_cloning:
-        for prompt, target in masa.expert_targets(prompts, solutions, meta, cfg.efficient.bc_threshold,
-                                                  cfg.efficient.bc_select):
-            ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-            experts.append((step, prompt.index, prompt.meta_ids, ids))
-    audited = {}
-    if steers(cfg, step) and step % cfg.efficient.audit_every == 0:  # a measurement, not training: timed apart
-        audit_started = time.perf_counter()
-        seeds = (seed_for(cfg, step, env.rank, SEED_AUDIT_GATED), seed_for(cfg, step, env.rank, SEED_AUDIT_CUT))
-        audited = audit(cfg, actor, tokenizer, pool, seeds, prompts, solutions)
-        seconds["time_audit"] = time.perf_counter() - audit_started
-    return StepData(solutions + meta, step_metrics(cfg, prompts, solutions, meta, grades, audited), seconds, experts)
-
-
-def make_prompts(cfg: Config, tokenizer, problems: list[dict], first: int) -> list[Prompt]:
-    """One masa.Prompt per problem, numbered from `first` (its global index in the step)."""
-    return [Prompt(first + i, p["problem"], p["answer"], meta_ids=meta_prompt_ids(tokenizer, cfg, p["problem"]),
-                   solution_ids=solution_prompt_ids(tokenizer, cfg, p["problem"])) for i, p in enumerate(problems)]
-
-
-def sample_step(cfg: Config, step: int, env: Env, actor: Qwen3, tokenizer,
-                prompts: list[Prompt]) -> tuple[list[Episode], list[Episode]]:
-    """(solution episodes, meta episodes) of this step, each grouped by prompt. MASA-efficient from
-    efficient.gate_start_step (or an earlier hint_start_step) on samples the meta path first and lets
-    its predictions steer the solution path (masa.steer: gating, cutoff budgets, hints); otherwise both
-    paths share one sampler call (GRPO: the solution path alone)."""
-    G, M = cfg.rollout.group_size, cfg.rollout.meta_group_size
-    seed = partial(seed_for, cfg, step, 0)  # the same on every rank: the streams tell sequences apart
-    run = partial(sample, cfg, actor, tokenizer)
-    meta_requests = [(p, "meta", p.meta_ids, M, 0) for p in prompts]
-    if steers(cfg, step):
-        meta = run(meta_requests, seed(SEED_JOINT))
-        hint_seeds = [seed_for(cfg, step, p.index, SEED_HINTS) for p in prompts]  # per prompt: rank-free
-        masa.steer(prompts, meta, cfg.efficient, step, G, cfg.rollout.max_response_tokens, hint_seeds, cfg.prompt)
-        for p in prompts:
-            hinted = [solution_prompt_ids(tokenizer, cfg, p.problem, hint) for hint in p.hints]
-            if len(hinted) == 1:
-                p.solution_ids = hinted[0]
-            elif hinted:
-                p.rollout_ids = hinted
-        requests = [(p, path, ids, 0 if p.gated else n, first)  # a gated prompt gets no solution rollouts
-                    for p, path, ids, n, first in solution_requests(prompts, G)]
-        return run(requests, seed(SEED_SOLUTION)), meta
-    if cfg.algorithm == "grpo":
-        return run(solution_requests(prompts, G), seed(SEED_SOLUTION)), []
-    both = run(meta_requests + solution_requests(prompts, G), seed(SEED_JOINT))
-    return [e for e in both if e.path == "solution"], [e for e in both if e.path == "meta"]
-
-
-def solution_requests(prompts: list[Prompt], G: int) -> list[tuple[Prompt, str, list[int], int, int]]:
-    """The solution path's sampler requests, (prompt, "solution", prompt ids, count, first sample): one
-    of G samples per prompt, or one per rollout when its rollouts have prompts of their own (per-rollout
-    hints), rollout j as sample j of the prompt's stream: the same noise either way."""
-    out = []
-    for p in prompts:
-        if p.rollout_ids:
-            out += [(p, "solution", ids, 1, j) for j, ids in enumerate(p.rollout_ids)]
-        else:
-            out.append((p, "solution", p.solution_ids, G, 0))
-    return out
-
-
-def sample(cfg: Config, actor: Qwen3, tokenizer, requests: list[tuple[Prompt, str, list[int], int, int]],
-           seed: int) -> list[Episode]:
-    """One sampler call for (prompt, path, prompt ids, count, first sample) requests: their episodes in
-    request order, each response decoded once and, on the meta path, parsed once. Solution rollouts get
-    their prompt's cutoff budget."""
-    budgets = [p.budget if path == "solution" else None for p, path, *_ in requests]
-    # A sequence's sampling noise is keyed by (seed, stream, sample, position): streams are global
-    # prompt indices (x2, + 1 on the solution path), so no rank or batch composition changes a token.
-    streams = [2 * p.index + (path == "solution") for p, path, *_ in requests]
-    rollouts = generate(actor, [r[2] for r in requests], sampling_params(cfg, tokenizer), budgets=budgets, seed=seed,
-                        counts=[r[3] for r in requests], streams=streams, first_samples=[r[4] for r in requests],
-                        slots=cfg.rollout.slots or None, kv_tokens=cfg.rollout.kv_tokens or None,
-                        graphs=None if cfg.rollout.cuda_graphs else False)
-    episodes = []
-    for (prompt, path, prompt_ids, _, _), group in zip(requests, rollouts):
-        for r in group:
-            text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
-            prediction = parse_meta(text, cfg.rollout.group_size, cfg.rollout.max_response_tokens) \
-                if path == "meta" else None
-            episodes.append(Episode(prompt.index, path, prompt_ids, r.token_ids, text, r.finish_reason,
-                                    prediction=prediction))
-    return episodes
-
-
-def grade(solutions: list[Episode], prompts: list[Prompt], pool: GraderPool) -> Grades:
-    """Set each solution episode's `correct` (its final boxed answer against its prompt's gold answer,
-    as written: the cutoff rule is masa.score_solutions'). Returns the grades (timeouts, errors)."""
-    if not solutions:
-        return Grades([], [])
-    answers = {p.index: p.answer for p in prompts}
-    grades = grade_batch([e.text for e in solutions], [answers[e.prompt_index] for e in solutions], pool)
-    for e, correct in zip(solutions, grades.correct):
-        e.correct = bool(correct)
-    return grades
-
-
-def audit(cfg: Config, actor, tokenizer, pool, seeds: tuple[int, int], prompts: list[Prompt],
-          solutions: list[Episode]) -> dict[str, int]:
-    """Gating and cutoff are predictions: run what they skipped (outside the loss) and count how often
-    they were right. Gated prompts get their G solution rollouts after all (were they really all-right
-    or all-wrong?); cut rollouts are continued to max_response_tokens (would they have ended wrong?).
-    Counts, summed over ranks before train() turns them into gating and cutoff precision."""
-    G, max_new = cfg.rollout.group_size, cfg.rollout.max_response_tokens
-    params = sampling_params(cfg, tokenizer)
-    gated = [p for p in prompts if p.gated]
-    zero_variance = 0
-    if gated:
-        requests = solution_requests(gated, G)
-        rollouts = generate(actor, [r[2] for r in requests], params, seed=seeds[0], counts=[r[3] for r in requests])
-        texts = {p.index: [] for p in gated}
-        for (p, *_), group in zip(requests, rollouts):
-            texts[p.index] += [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in group]
-        for p in gated:
-            zero_variance += len(set(grade_batch(texts[p.index], [p.answer] * G, pool).correct)) == 1
-    cut = [e for e in solutions if e.finish_reason == "cutoff"]
-    wrong = 0
-    if cut:
-        rest = [max_new - len(e.response_ids) for e in cut]
-        continued = generate(actor, [e.prompt_ids + e.response_ids for e in cut], params, budgets=rest, seed=seeds[1],
-                             counts=[1] * len(cut))
-        texts = [tokenizer.decode(e.response_ids + c[0].token_ids, skip_special_tokens=True)
-                 for e, c in zip(cut, continued)]
-        answers = {p.index: p.answer for p in prompts}
-        wrong = sum(not c for c in grade_batch(texts, [answers[e.prompt_index] for e in cut], pool).correct)
-    return {"audit_gated": len(gated), "audit_gated_zero_variance": zero_variance, "audit_cut": len(cut),
-            "audit_cut_wrong": wrong}
-
-
-def step_metrics(cfg: Config, prompts: list[Prompt], solutions: list[Episode], meta: list[Episode],
-                 grades: Grades, audited: dict[str, int]) -> Tally:
-    """What metrics.jsonl records of a step's rollouts (README, Training), and the audit's counts."""
-    G = cfg.rollout.group_size
-    m = Tally()
-    for name, count in audited.items():
-        m.total(name, count)
-    m.mean("reward", [e.reward for e in solutions])
-    m.mean("accuracy", [e.correct for e in solutions])  # cut-off rollouts graded as written
-    m.total("solution_tokens", sum(len(e.response_ids) for e in solutions))
-    m.total("solution_rollouts", len(solutions))
-    m.mean("cutoff_fraction", [e.finish_reason == "cutoff" for e in solutions])
-    m.mean("gated_fraction", [p.gated for p in prompts])
-    m.total("grader_timeouts", grades.timeouts)  # symbolic checks killed at the timeout (scored 0)
-    m.total("grader_errors", grades.errors)  # symbolic checks that raised (scored 0)
-    if cfg.algorithm == "grpo":
-        return m
-    scored = [e for e in meta if e.in_loss]
-    m.mean("meta_reward", [e.reward for e in scored])
-    for part in ("pass_rate", "length", "notion"):
-        m.mean(f"meta_{part}", [e.meta_parts[part] for e in scored])
-    p_true = {p.index: sum(e.reward for e in solutions if e.prompt_index == p.index) / G for p in prompts}
-    m.mean("pass_rate_mae", [abs(e.prediction.pass_rate / G - p_true[e.prompt_index]) for e in scored
-                             if e.prediction is not None and e.prediction.pass_rate is not None])
-    m.mean("meta_parse_failures", [e.prediction is None for e in meta])
-    m.total("meta_tokens", sum(len(e.response_ids) for e in meta))
-    return m
-
-
 def validate(cfg: Config, env: Env, actor, tokenizer, pool, problems: list[dict]) -> float:
     """Accuracy of the solution path on held-out problems (eval.sample_problems): `validation.samples`
     responses per problem at validation.temperature (0: greedy) and top_p; problems split across ranks."""
@@ -289,7 +72,7 @@ def validate(cfg: Config, env: Env, actor, tokenizer, pool, problems: list[dict]
                                   top_p=cfg.validation.top_p, max_new_tokens=cfg.rollout.max_response_tokens,
                                   meta=False, progress=False)
     records = sample_problems(actor, tokenizer, problems[env.rank::env.world], settings, pool,
-                              seed_for(cfg, 0, 0, SEED_VALIDATION), cfg.prompt, cfg.rollout.slots or None,
+                              seed_for(cfg, 0, 0, Purpose.VALIDATION), cfg.prompt, cfg.rollout.slots or None,
                               streams=list(range(env.rank, len(problems), env.world)),
                               graphs=None if cfg.rollout.cuda_graphs else False)
     graded = [r["correct"] for record in records for r in record["responses"]]
@@ -448,7 +231,7 @@ def warm_start(cfg: Config, env: Env, policy: Qwen3, tokenizer, problems: list[d
     optimizer = torch.optim.AdamW(policy.parameters(), lr=w.lr, weight_decay=0.0)
     loss, bar = float("nan"), progress_bar(cfg, env, w.steps, "warm start", 0)
     for step in range(w.steps):
-        rng = random.Random(seed_for(cfg, step, env.rank, SEED_WARM_START))
+        rng = random.Random(seed_for(cfg, step, env.rank, Purpose.WARM_START))
         lr = w.lr * min(1.0, (step + 1) / max(1, w.warmup_steps))
         loss = supervised_step(cfg, env, policy, optimizer, examples.batch(rng, w.batch_size // env.world), lr)
         if bar:
@@ -474,7 +257,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start: int = 0  # the first step to run (after a resume)
-    bc_buffer: list[tuple] = field(default_factory=list)  # experts not yet cloned, as in StepData.experts
+    bc_buffer: list[Expert] = field(default_factory=list)  # experts not yet cloned
 
 
 def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
@@ -501,7 +284,7 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     resumed = checkpoints.load(cfg, env.rank, policy, optimizer, scheduler, resuming)
     if resumed:
         run.start, extra = resumed
-        run.bc_buffer = extra.get("bc_buffer", [])
+        run.bc_buffer = [Expert(*e) for e in extra.get("bc_buffer", [])]
         refresh_actor(actor, policy)
     broken = next((name for name, p in actor.named_parameters() if not torch.isfinite(p).all()), None)
     if broken:  # every step would be skipped: stop now
@@ -555,7 +338,7 @@ def save(cfg: Config, env: Env, run: Run, step: int):
                          {"bc_buffer": run.bc_buffer, "data_position": step * cfg.train.batch_size})
 
 
-def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[tuple]) -> dict:
+def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[Expert]) -> dict:
     """Stage 11 (MASA-efficient): buffer this step's experts; once the buffer holds bc_batch_size of
     them over all ranks, one supervised step on exactly that many, the oldest first by (step, prompt
     index), so the choice does not depend on the number of ranks. The step goes through the RL
@@ -565,13 +348,13 @@ def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[tuple]) -> 
         return {}
     run.bc_buffer.extend(experts)
     keys = [None] * env.world
-    dist.all_gather_object(keys, [e[:2] for e in run.bc_buffer])
+    dist.all_gather_object(keys, [(e.step, e.prompt_index) for e in run.bc_buffer])
     everything = sorted(tuple(k) for ks in keys for k in ks)
     if len(everything) < cfg.efficient.bc_batch_size:
         return {}
     chosen = set(everything[:cfg.efficient.bc_batch_size])
-    mine = [(prompt_ids, targets) for step, index, prompt_ids, targets in run.bc_buffer if (step, index) in chosen]
-    run.bc_buffer = [e for e in run.bc_buffer if tuple(e[:2]) not in chosen]
+    mine = [(e.prompt_ids, e.target_ids) for e in run.bc_buffer if (e.step, e.prompt_index) in chosen]
+    run.bc_buffer = [e for e in run.bc_buffer if (e.step, e.prompt_index) not in chosen]
     return {"bc_loss": supervised_step(cfg, env, run.policy, run.optimizer, mine, cfg.efficient.bc_lr)}
 
 
@@ -613,6 +396,8 @@ def train(cfg: Config):
     run = prepare(cfg, env, resuming)
     log = checkpoints.MetricsLog(cfg, run.start) if env.main else None
     pool = GraderPool()
+    sampler = partial(generate, run.actor, slots=cfg.rollout.slots or None, kv_tokens=cfg.rollout.kv_tokens or None,
+                      graphs=None if cfg.rollout.cuda_graphs else False)
     val_problems = None
     if cfg.validation.path:
         val_problems = load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
@@ -624,7 +409,7 @@ def train(cfg: Config):
             if env.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(env.device)
             problems = step_problems(run.problems, cfg, step, env)
-            data = collect(cfg, step, env, run.actor, run.tokenizer, pool, problems)
+            data = collect(cfg, step, env, run.tokenizer, problems, sampler, partial(grade_batch, pool=pool))
             metrics = update(cfg, env, run.policy, run.optimizer, run.scheduler, data.episodes, run.reference)
             skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_steps"] else 0
             updated = time.perf_counter()

@@ -1,5 +1,7 @@
-"""The MASA step assembled: train.collect with the sampler and the grader replaced by scripted
-stand-ins, every output checked against values worked out by hand in this file.
+"""The MASA step assembled: masa_step.collect with a scripted sampler and grader in place of the model
+and the grader pool, every output checked against values worked out by hand in this file. Start here
+to learn the method: the script below is one step's rollouts, and each test is one claim about what
+the step makes of them.
 
 The script (G = 4 solution and M = 3 meta rollouts per prompt, so a G/M mix-up cannot hide; response
 budget 100 tokens; a character tokenizer, so a response of n characters plus its stop token is n + 1
@@ -16,19 +18,20 @@ continues P1's two cut rollouts (one would have ended right, one wrong).
 
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
-import train
+import masa_step
 from config import load_config
 from data import build_char_tokenizer
 from parallel import Env
 from rewards import Grades
 from rollout import Rollout
 
-from test_train import CONFIG
 
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.yaml"
 G, M, BUDGET = 4, 3, 100
 PROBLEMS = [{"problem": "What is 2+3?", "answer": "5"}, {"problem": "What is 4+4?", "answer": "8"},
             {"problem": "What is 9+9?", "answer": "18"}, {"problem": "What is 1+1?", "answer": "2"}]
@@ -51,13 +54,13 @@ CONTINUATIONS = {"\\boxed{7} becaus": "e it is \\boxed{8}", "\\boxed{8} and th":
 
 
 class ScriptedSampler:
-    """Stands in for rollout.generate: answers each prompt from the script above, honouring counts and
-    budgets as the real sampler does (a budget below max_new_tokens that is reached: "cutoff")."""
+    """Stands in for rollout.generate on a model: answers each prompt from the script above, honouring
+    counts and budgets as the real sampler does (a budget below max_new_tokens that is reached: "cutoff")."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, []
 
-    def __call__(self, model, prompts, params, budgets=None, seed=None, *, counts=None, first_samples=None, **kwargs):
+    def __call__(self, prompts, params, budgets=None, seed=None, *, counts=None, first_samples=None, **kwargs):
         counts = counts or [params.n] * len(prompts)
         budgets = budgets or [None] * len(prompts)
         first_samples = first_samples or [0] * len(prompts)
@@ -81,7 +84,7 @@ class ScriptedSampler:
         return Rollout(ids, [0.0] * len(ids), "stop")
 
 
-def scripted_grades(responses, answers, pool=None):
+def scripted_grades(responses, answers):
     """Stands in for rewards.grade_batch: right when the last \\boxed{} holds exactly the answer."""
     last = [r.rsplit("\\boxed{", 1)[-1].split("}")[0] if "\\boxed{" in r else None for r in responses]
     return Grades([x == a for x, a in zip(last, answers)], last)
@@ -96,10 +99,7 @@ def step(tmp_path_factory):
                                "efficient.bc_threshold=0.9", "efficient.gate_eps=0.05", "efficient.gate_std=0.1",
                                "efficient.cutoff_factor=2.0"])
     sampler = ScriptedSampler(tokenizer)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "generate", sampler)
-        patch.setattr(train, "grade_batch", scripted_grades)
-        data = train.collect(cfg, 0, Env(0, 1, torch.device("cpu")), None, tokenizer, None, PROBLEMS)
+    data = masa_step.collect(cfg, 0, Env(0, 1, torch.device("cpu")), tokenizer, PROBLEMS, sampler, scripted_grades)
     return cfg, tokenizer, sampler, data
 
 
@@ -210,6 +210,8 @@ def test_the_audit_runs_what_gating_and_cutoff_skipped(step):
 
 def test_step_metrics(step, one_process_group):
     _, _, _, data = step
+    import train  # the record metrics.jsonl gets: the step's metrics summed over ranks
+
     record = train.step_record(one_process_group, 0, data, {})
     scored = [s for scores in META_SCORES.values() for s in scores]
     parts = [p for ps in META_PARTS.values() for p in ps]
@@ -241,10 +243,7 @@ def collect_scripted(tmp_path_factory, overrides, step=0):
     cfg = load_config(CONFIG, ["algorithm=masa_efficient", f"rollout.group_size={G}", f"rollout.meta_group_size={M}",
                                f"rollout.max_response_tokens={BUDGET}", "train.batch_size=4"] + overrides)
     sampler = ScriptedSampler(tokenizer)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "generate", sampler)
-        patch.setattr(train, "grade_batch", scripted_grades)
-        data = train.collect(cfg, step, Env(0, 1, torch.device("cpu")), None, tokenizer, None, PROBLEMS)
+    data = masa_step.collect(cfg, step, Env(0, 1, torch.device("cpu")), tokenizer, PROBLEMS, sampler, scripted_grades)
     return cfg, sampler, data
 
 
@@ -262,7 +261,7 @@ def test_per_rollout_hints_give_each_rollout_its_own_drawn_prediction(released):
     # P1's candidates: m0 (notions and length 12) and m1 (length 4 only; m2 is unparseable)
     texts = [" Notions that may help: carry. A correct solution takes about 12 tokens.",
              " A correct solution takes about 4 tokens."]
-    draws = torch.randint(2, (G,), generator=torch.Generator().manual_seed(train.seed_for(cfg, 0, 1, train.SEED_HINTS)))
+    draws = torch.randint(2, (G,), generator=torch.Generator().manual_seed(masa_step.seed_for(cfg, 0, 1, masa_step.Purpose.HINTS)))
     assert [p.split("\\boxed{}.", 1)[1] for p in p1] == \
         [texts[int(d)] + "<|im_end|>\n<|im_start|>assistant\n" for d in draws]
     assert len(set(p1)) > 1  # the G solution prompts of one prompt differ (this seed draws both)
@@ -317,7 +316,7 @@ class UniformSampler:
     def __init__(self, tokenizer, G):
         self.tokenizer, self.G, self.counts = tokenizer, G, []
 
-    def __call__(self, model, prompts, params, budgets=None, seed=None, *, counts=None, **kwargs):
+    def __call__(self, prompts, params, budgets=None, seed=None, *, counts=None, **kwargs):
         self.counts.append(list(counts))
         texts = [self.tokenizer.decode(p) for p in prompts]
         return [[self.rollout(text, j) for j in range(n)] for text, n in zip(texts, counts)]
@@ -340,10 +339,8 @@ def test_every_group_is_the_rollouts_of_one_prompt_and_one_path_for_any_g_and_m(
     cfg = load_config(CONFIG, ["algorithm=masa", f"rollout.group_size={G}", f"rollout.meta_group_size={M}",
                                f"rollout.max_response_tokens={BUDGET}", "train.batch_size=2"])
     sampler = UniformSampler(tokenizer, G)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "generate", sampler)
-        patch.setattr(train, "grade_batch", scripted_grades)
-        data = train.collect(cfg, 0, Env(0, 1, torch.device("cpu")), None, tokenizer, None, PROBLEMS[:2])
+    data = masa_step.collect(cfg, 0, Env(0, 1, torch.device("cpu")), tokenizer, PROBLEMS[:2], sampler,
+                             scripted_grades)
     assert sampler.counts == [[M, M, G, G]]  # one call: both meta prompts, then both solution prompts
     for prompt in range(2):
         solutions, meta = episodes(data, "solution", prompt), episodes(data, "meta", prompt)

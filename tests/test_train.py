@@ -295,10 +295,14 @@ def test_behaviour_cloning_lowers_the_nll_of_the_expert_target(assets, one_proce
 
 
 def test_the_audit_reruns_what_gating_and_cutoff_skipped(assets):
-    import train
-    from config import load_config
-    from rewards import GraderPool
+    from functools import partial
+
     from transformers import AutoTokenizer
+
+    import masa_step
+    from config import load_config
+    from rewards import GraderPool, grade_batch
+    from rollout import generate
 
     cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "rollout.max_response_tokens=8"])
     actor = Qwen3.from_pretrained(assets / "model").eval()
@@ -308,7 +312,8 @@ def test_the_audit_reruns_what_gating_and_cutoff_skipped(assets):
         p.solution_ids = chat_ids(tokenizer, p.problem)
     cut = Episode(1, "solution", prompts[1].solution_ids, [40, 41, 42], finish_reason="cutoff")
     with GraderPool(workers=1) as pool:
-        out = train.audit(cfg, actor, tokenizer, pool, (0, 1), prompts, [cut])
+        out = masa_step.audit(cfg, tokenizer, prompts, [cut], partial(generate, actor), partial(grade_batch, pool=pool),
+                              (0, 1))
     # a random model answers nothing correctly: the gated prompt really was all-wrong (zero variance),
     # and the cut rollout would have ended wrong
     assert out == {"audit_gated": 1, "audit_cut": 1, "audit_gated_zero_variance": 1, "audit_cut_wrong": 1}
