@@ -1,8 +1,10 @@
-"""The grader's worker processes: symbolic equivalence checks (rewards.symbolic_equal) run in
-subprocesses, each item under a hard timeout.
+"""The grader's worker processes: symbolic equivalence checks (rewards.symbolic_equal, named to the
+workers as "rewards:symbolic_equal") run in subprocesses, each item under a hard timeout.
 
 A module of its own so that rewards.py reads as the grading rules and the meta rewards: this is the
-process machinery, and nothing in it decides what a correct answer is.
+process machinery, and nothing in it decides what a correct answer is. It imports nothing of the
+project: the workers import the check by the name they are given, so rewards.py -> grader_pool.py
+is the only direction.
 
 - A worker that is still busy when its item's time is up is killed and replaced, so an exponent
   tower or a pathological expression costs one timeout, never the run. Workers also cap their
@@ -35,11 +37,13 @@ DEFAULT_TIMEOUT = 5.0  # seconds per symbolic check
 WORKER_MEMORY_BYTES = 4 << 30  # address-space cap of each grading worker
 
 
-def serve(parent: int | None = None):
+CHECK = "rewards:symbolic_equal"  # module:function a worker answers with: (pred, gold) -> bool
+
+
+def serve(parent: int | None = None, check: str = CHECK):
     """Worker main loop (`python -c "import grader_pool; grader_pool.serve()"`): die with `parent`,
     cap memory, import the heavy libraries, say ready, then answer each JSON line [request id, pred,
-    gold] with one JSON line [request id, "ok", verdict of rewards.symbolic_equal] or
-    [request id, "error", message]."""
+    gold] with one JSON line [request id, "ok", verdict of `check`] or [request id, "error", message]."""
     if parent is not None:
         _exit_with_parent(parent)
     try:
@@ -53,13 +57,15 @@ def serve(parent: int | None = None):
     logging.disable(logging.WARNING)  # math-verify warns that its own timeouts are off: that is the point
     import math_verify  # noqa: F401  (paid once here, not inside the first item's timeout)
 
-    from rewards import symbolic_equal
+    import importlib
 
+    module, name = check.split(":")
+    equal = getattr(importlib.import_module(module), name)
     print(json.dumps(["ready"]), flush=True)
     for line in sys.stdin:
         seq, pred, gold = json.loads(line)
         try:
-            reply = [seq, "ok", symbolic_equal(pred, gold)]
+            reply = [seq, "ok", equal(pred, gold)]
         except BaseException as e:  # noqa: BLE001 (a MemoryError or RecursionError is a verdict too)
             reply = [seq, "error", f"{type(e).__name__}: {e}"[:200]]
         print(json.dumps(reply), flush=True)

@@ -1,4 +1,4 @@
-"""Qwen3 dense transformer, written from scratch, with Hugging Face checkpoint loading and saving.
+"""Qwen3 dense transformer, written from scratch; loads and saves Hugging Face checkpoints (hf_checkpoint.py).
 
 Every other stage runs this model: the sampler (rollout.py) drives its KV-cache forward, the trainer
 (train.py) its training forward. The architecture follows the Qwen3 report (Yang et al., 2025):
@@ -29,18 +29,17 @@ greedily with the KV cache against a full-forward recomputation.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 import tempfile
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+import hf_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,258 +308,23 @@ class Qwen3(nn.Module):
         """Load a Hugging Face Qwen3 checkpoint: a local directory with config.json and safetensors
         (one file, or shards listed in model.safetensors.index.json), or a hub id to download.
         dtype=None keeps the dtype recorded in config.json (float32 if none is recorded)."""
-        directory = _resolve_checkpoint(path)
-        config, stored_dtype = read_config(directory)
+        directory = hf_checkpoint.resolve(path)
+        config, stored_dtype = hf_checkpoint.read_config(directory, Qwen3Config)
         dtype = dtype or stored_dtype
-        device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(config, dtype=dtype)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state = {}
-        for name, (tensor, file) in _read_tensors(directory, device).items():
-            key = name.removeprefix("model.")
-            if key == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # some tied checkpoints store the shared matrix twice
-            if key not in expected:
-                raise ValueError(f"unexpected tensor {name!r} in {file}: dense Qwen3 has no such weight "
-                                 f"(is this checkpoint from another architecture?)")
-            if tuple(tensor.shape) != expected[key]:
-                raise ValueError(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, but "
-                                 f"{directory / 'config.json'} implies {expected[key]}")
-            state[key] = tensor.to(dtype)
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            shown = ", ".join(_hf_name(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ValueError(f"checkpoint {directory} is missing {len(missing)} tensor(s): {shown}")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state = hf_checkpoint.read_weights(directory, shapes, torch.device(device or "cpu"), dtype,
+                                           tied=config.tie_word_embeddings)
         model.load_state_dict(state, assign=True)
         return model
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5_000_000_000):
         """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
-        Hugging Face layout. Written into a temporary sibling directory and renamed into place, so a
-        crash never leaves a half-written checkpoint at `path`. Saving over an existing checkpoint
-        replaces its weights and config and keeps its other files (a tokenizer, a README)."""
-        from safetensors.torch import save_file
-
-        path = Path(path).resolve()
-        _check_replaceable(path)
-        state = {_hf_name(k): v.detach() for k, v in self.state_dict().items()}
-        dtype = next(iter(state.values())).dtype
-        shards = _plan_shards(state, max_shard_bytes)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            weight_map = {}
-            for i, names in enumerate(shards):
-                file = "model.safetensors" if len(shards) == 1 else \
-                    f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: state[n].cpu().contiguous() for n in names}, tmp / file, metadata={"format": "pt"})
-                weight_map.update({n: file for n in names})
-            if len(shards) > 1:
-                total = sum(t.numel() * t.element_size() for t in state.values())
-                _write_json(tmp / "model.safetensors.index.json",
-                            {"metadata": {"total_size": total}, "weight_map": weight_map})
-            _write_json(tmp / "config.json", _hf_config(self.config, dtype))
-            if path.is_dir():
-                for f in path.iterdir():
-                    if not _is_weights_or_config(f.name):
-                        shutil.copy2(f, tmp / f.name)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-# ---------------------------------------------------------------------------------------------------
-# Hugging Face checkpoint format
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _hf_name(key: str) -> str:
-    return key if key.startswith("lm_head.") else "model." + key
-
-
-def _resolve_checkpoint(path) -> Path:
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise NotADirectoryError(f"checkpoint path {str(path)!r} is a file; pass the directory that holds "
-                                 f"config.json and the *.safetensors files")
-    if not _HUB_ID.match(str(path)):
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found: pass a local directory with config.json "
-                                f"and *.safetensors, or a Hugging Face hub id such as 'Qwen/Qwen3-8B-Base'")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
-    except Exception as e:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a local directory, and downloading it from the "
-                                f"Hugging Face hub failed ({type(e).__name__}: {e}); check the name, the "
-                                f"network, or download it yourself and pass the directory") from e
-
-
-_CONFIG_TYPES = {**dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads", "num_key_value_heads", "head_dim",
-                                  "max_position_embeddings"], "size"),
-                 "rope_theta": "positive", "rms_norm_eps": "positive",
-                 "tie_word_embeddings": "flag", "attention_bias": "flag"}
-
-
-def read_config(directory: Path) -> tuple[Qwen3Config, torch.dtype]:
-    """A checkpoint directory's config.json as (Qwen3Config, stored dtype), without reading weights."""
-    file = directory / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json next to its "
-                                f"*.safetensors (saved by save_pretrained or downloaded from the hub)")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file} must hold a JSON object of model settings, got a {type(raw).__name__}")
-    model_type, archs = raw.get("model_type"), raw.get("architectures")
-    if model_type != "qwen3":
-        raise ValueError(f"{file} describes model_type={model_type!r} (architectures={archs}); masa implements "
-                         f"dense Qwen3 only (model_type 'qwen3', Qwen3ForCausalLM)")
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise ValueError(f"{file}: rope_parameters / rope_scaling must be an object, got {rope!r}")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{file} asks for RoPE scaling {rope}; masa implements plain RoPE only")
-    if raw.get("use_sliding_window"):
-        raise ValueError(f"{file} sets use_sliding_window=true; masa implements full attention only")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{file} sets hidden_act={raw['hidden_act']!r}; Qwen3 uses 'silu'")
-    known = {f.name for f in fields(Qwen3Config)}
-    values = {k: v for k, v in raw.items() if k in known}
-    values.setdefault("rope_theta", rope.get("rope_theta", 10_000.0))  # transformers' default
-    values.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
-    values.setdefault("head_dim", 128)  # transformers' Qwen3Config default (every Qwen3 release states it)
-    required = [f.name for f in fields(Qwen3Config) if f.default is MISSING]
-    absent = [name for name in required if values.get(name) is None]
-    if absent:
-        raise ValueError(f"{file} lacks required field(s) {absent}")
-    for name, value in values.items():  # a wrong type would otherwise fail far from here, naming no file
-        kind = _CONFIG_TYPES.get(name)
-        if kind == "size" and not (type(value) is int and value > 0):
-            raise ValueError(f"{file}: {name} must be a positive integer, got {value!r}")
-        if kind == "positive" and not (type(value) in (int, float) and value > 0):
-            raise ValueError(f"{file}: {name} must be a positive number, got {value!r}")
-        if kind == "flag" and type(value) is not bool:
-            raise ValueError(f"{file}: {name} must be true or false, got {value!r}")
-    dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"{file} records dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}")
-    return Qwen3Config(**values), _DTYPES[dtype_name]
-
-
-def _read_tensors(directory: Path, device: torch.device) -> dict[str, tuple[torch.Tensor, Path]]:
-    from safetensors import safe_open
-
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({directory / f for f in weight_map.values()})
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e!r}") from None
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{index} lists shard {f.name}, which is not in {directory}")
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        found = sorted(p.name for p in directory.iterdir())
-        hint = " (PyTorch .bin weights: re-save them as safetensors)" if any(
-            n.endswith(".bin") for n in found) else ""
-        raise FileNotFoundError(f"no *.safetensors weights in {directory}; found {found}{hint}")
-    tensors = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt", device=str(device)) as handle:
-                for name in handle.keys():
-                    tensors[name] = (handle.get_tensor(name), f)
-        except Exception as e:  # safetensors' own error type names no file
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            raise ValueError(f"{f} cannot be read as safetensors ({e}): the file is damaged or truncated; save "
-                             f"or download the checkpoint again") from e
-    return tensors
-
-
-def _hf_config(c: Qwen3Config, dtype: torch.dtype) -> dict:
-    dtype_name = next(name for name, d in _DTYPES.items() if d == dtype)
-    return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        **asdict(c),
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "torch_dtype": dtype_name,
-    }
-
-
-def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Greedy in layer order: start a new shard when the next tensor would push this one past max_bytes."""
-    shards, size = [[]], 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
-def _write_json(file: Path, obj: dict):
-    file.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def _fsync_tree(directory: Path):
-    for f in directory.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def _is_weights_or_config(name: str) -> bool:
-    return name == "config.json" or (name.startswith("model") and ".safetensors" in name)
-
-
-def _check_replaceable(path: Path):
-    """save_pretrained replaces a directory: refuse one that is not a checkpoint (it holds folders)."""
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"cannot save a checkpoint to {path}: it is a file")
-    if path.is_dir():
-        folders = [p.name for p in path.iterdir() if p.is_dir()]
-        if folders:
-            raise IsADirectoryError(f"cannot save a checkpoint to {path}: it holds folders ({', '.join(folders[:3])}),"
-                                    f" so it is not a checkpoint directory; choose a new or empty directory")
-
-
-def _replace_dir(tmp: Path, path: Path):
-    """Move a finished directory into place. An existing `path` is moved aside first, put back if
-    anything fails, and deleted last, so at every instant a complete checkpoint is on disk."""
-    _fsync_tree(tmp)
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rename(path, old / path.name)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.rename(old / path.name, path)
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old)
+        Hugging Face layout, atomically: a crash never leaves a half-written checkpoint at `path`.
+        Saving over an existing checkpoint replaces its weights and config and keeps its other files
+        (a tokenizer, a README)."""
+        hf_checkpoint.write(path, self.state_dict(), self.config, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from config import Config
-from model import PRESETS, Qwen3Config, read_config
+from hf_checkpoint import read_config
+from model import PRESETS, Qwen3Config
 from rollout import BLOCK_SIZE, kv_bytes_per_position, kv_tokens_that_fit
 
 GIB = 1024 ** 3
@@ -34,7 +35,7 @@ def model_shape(cfg: Config) -> tuple[Qwen3Config, str]:
         return PRESETS[cfg.model.preset], f"model.PRESETS[{cfg.model.preset!r}]"
     local = Path(cfg.model.path).expanduser()
     if (local / "config.json").is_file():
-        return read_config(local)[0], str(local / "config.json")
+        return read_config(local, Qwen3Config)[0], str(local / "config.json")
     size = re.search(r"Qwen3-(\d+(?:\.\d+)?B)", cfg.model.path)
     if size and size.group(1) in PRESETS:
         return PRESETS[size.group(1)], f"model.PRESETS[{size.group(1)!r}] (the shape of {cfg.model.path})"

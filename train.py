@@ -335,7 +335,7 @@ def check_sizes(cfg: Config, env: Env):
 def save(cfg: Config, env: Env, run: Run, step: int):
     if cfg.checkpoint.every:
         checkpoints.save(cfg, env.rank, step, run.policy, run.optimizer, run.scheduler, run.actor, run.tokenizer,
-                         {"bc_buffer": run.bc_buffer, "data_position": step * cfg.train.batch_size})
+                         {"bc_buffer": run.bc_buffer})
 
 
 def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[Expert]) -> dict:

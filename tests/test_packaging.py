@@ -73,3 +73,54 @@ def test_the_check_names_both_sides_of_a_collision(tmp_path):
     lines = collisions(project_import_names(tmp_path), provided, tmp_path)
     assert lines == ["config.py (import name `config`) is also provided by the installed distribution(s) config",
                      "kernels (import name `kernels`) is also provided by the installed distribution(s) kernels"]
+
+
+def project_imports(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its code (function-level imports too),
+    over the modules at the root and the masa_kernels package (as one node)."""
+    import ast
+
+    files = {p.stem: [p] for p in root.glob("*.py")}
+    files["masa_kernels"] = sorted((root / "masa_kernels").glob("*.py"))
+    graph = {}
+    for name, paths in files.items():
+        deps = set()
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    deps |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    deps.add(node.module.split(".")[0])
+        graph[name] = (deps & set(files)) - {name}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path [a, b, ..., a], or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    return next((found for node in sorted(graph) if node not in state and (found := visit(node))), None)
+
+
+def test_imports_flow_one_way():
+    graph = project_imports()
+    assert {"train", "masa_step", "masa", "model", "rewards", "grader_pool"} <= set(graph)
+    assert "masa_step" in graph["train"] and "hf_checkpoint" in graph["model"]
+    assert import_cycle(graph) is None, f"an import circle: {' -> '.join(import_cycle(graph))}"
+
+
+def test_the_cycle_check_finds_a_circle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": set()}) is None
