@@ -5,6 +5,7 @@
 
 A row missing a field is an error that names the file, the row number and the field. Every row is
 returned as a dict with "problem" and "answer" (strings) plus whatever else the row held.
+`step_problems` picks the problems of one training step for one rank (seeded epochs).
 
 `build_char_tokenizer` writes a tokenizer whose tokens are single characters, with Qwen's special
 tokens and chat template, saved so that transformers.AutoTokenizer loads it exactly like a real
@@ -25,6 +26,8 @@ import json
 import string
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from masa import meta_prompt, solution_prompt, uninformative_meta_target
 from rewards import has_content
@@ -176,6 +179,19 @@ def arithmetic_held_out(count: int, seed: int, training: list[dict], digits: tup
     if len(fresh) < count:
         raise ValueError(f"only {len(fresh)} of {4 * count} drawn problems are new: lower the count or add digits")
     return fresh[:count]
+
+
+def step_problems(problems: list[dict], cfg, step: int, rank: int, world: int) -> list[dict]:
+    """This rank's contiguous share of step `step`'s B problems (cfg: config.Config; a prompt's group
+    never spans ranks): epochs are seeded permutations of the data."""
+    B, n = cfg.train.batch_size, len(problems)
+    share = B // world
+    out = []
+    for i in range(step * B + rank * share, step * B + (rank + 1) * share):
+        epoch, index = divmod(i, n)
+        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(n) if cfg.data.shuffle else range(n)
+        out.append(problems[order[index]])
+    return out
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

@@ -208,60 +208,6 @@ def plot_calibration(name: str, records: list[dict], n: int, out: Path):
     plt.close(fig)
 
 
-def run_summary(metrics_file: Path, window: int = 20) -> str:
-    """First vs last `window` steps of the run, from metrics.jsonl: what the run changed."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    if not records:
-        return "no steps recorded"
-    n = max(1, min(window, len(records) // 2))
-    parts = []
-    for key, label in [("accuracy", "accuracy"), ("pass_rate_mae", "pass-rate MAE"),
-                       ("meta_reward", "meta reward"), ("meta_parse_failures", "meta parse failures")]:
-        first, last = ([r[key] for r in part if r.get(key) is not None] for part in (records[:n], records[-n:]))
-        if first and last:
-            parts.append(f"{label} {np.mean(first):.3f} -> {np.mean(last):.3f}")
-    span = f"steps {records[0]['step']}-{records[n - 1]['step']} vs {records[-n]['step']}-{records[-1]['step']}"
-    return f"{span}: {', '.join(parts)}"
-
-
-def plot_training(metrics_file: Path, out: Path, window: int = 10) -> Path | None:
-    """A training run's curves from its metrics.jsonl: solution reward and accuracy, meta reward, and
-    the pass-rate error of the meta predictions (lower is better calibrated), as moving averages over
-    `window` steps. Returns the PNG path, or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no training plot (pip install matplotlib)")
-        return None
-    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in records]
-
-    def curve(key):
-        values = np.array([r.get(key, float("nan")) for r in records], dtype=float)
-        smooth = [np.nanmean(values[max(0, i - window + 1):i + 1]) if np.isfinite(values[max(0, i - window + 1):i + 1]).any()
-                  else np.nan for i in range(len(values))]
-        return np.array(smooth)
-
-    panels = [("solution path", ["reward", "accuracy"]), ("meta path", ["meta_reward", "meta_parse_failures"]),
-              ("calibration", ["pass_rate_mae"])]
-    panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in panels]
-    panels = [(title, keys) for title, keys in panels if keys]  # GRPO runs have no meta path
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
-        for key in keys:
-            ax.plot(steps, curve(key), label=key)
-        ax.set(title=title, xlabel="step")
-        ax.legend()
-    fig.suptitle(f"{Path(metrics_file).parent.name}: moving averages over {window} steps")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # The command
 

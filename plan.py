@@ -2,8 +2,9 @@
 
     python train.py CONFIG --plan [--gpus 8] [--gpu-memory 80]     # prints it (nothing is loaded)
 
-A module of its own because it is arithmetic about a run, not part of one: train.py prints it,
-bench/gpu_check.py compares it with a measured peak, and neither needs the other's machinery.
+A module of its own because it is arithmetic about a run, not part of one: train.py prints it and,
+before loading anything, refuses sizes that cannot run (check_sizes); bench/gpu_check.py compares it
+with a measured peak, and neither needs the other's machinery.
 
 Exact: the FSDP shards, the rollout copy and the KV pool (the sampler's own sizing rule,
 rollout.kv_tokens_that_fit). Stated assumption: the sequences decoded together, which depend on the
@@ -142,3 +143,24 @@ def print_plan(cfg: Config, plan: dict):
     verdict = "yes" if plan["fits"] else "NO: lower the peak that exceeds the budget (see the rows above)"
     print(f"fits: {verdict} (budget {budget:.1f} GiB: 90% of the GPU less 1 GiB for the CUDA context and "
           f"allocator slack)")
+
+
+def check_sizes(cfg: Config, world: int, device: torch.device, main: bool = True):
+    """Refuse, before anything is loaded or allocated, lengths the model cannot take and (on CUDA) a
+    KV pool the memory plan says cannot hold one sequence; warn when the plan's peak exceeds the GPU."""
+    shape, source = model_shape(cfg)
+    positions = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    if positions > shape.max_position_embeddings:
+        raise ValueError(f"rollout.max_prompt_tokens + rollout.max_response_tokens = {positions:,} positions, more "
+                         f"than the model takes ({shape.max_position_embeddings:,}, max_position_embeddings of "
+                         f"{source}): lower rollout.max_response_tokens")
+    if device.type == "cuda":
+        gib = torch.cuda.get_device_properties(device).total_memory / GIB
+        plan = memory_plan(cfg, world, gib)
+        if not plan["one_sequence_fits"]:
+            raise ValueError(f"the KV pool ({plan['kv_tokens']:,} positions) cannot hold one sequence of {positions:,} "
+                             f"positions on a {gib:.0f} GiB GPU (train.py CONFIG --plan): lower "
+                             f"rollout.max_response_tokens or set rollout.kv_tokens")
+        if not plan["fits"] and main:
+            print(f"warning: train.py --plan puts this run's peak above the GPU's budget ({gib:.0f} GiB): expect "
+                  f"out-of-memory errors", flush=True)

@@ -5,7 +5,7 @@
     python train.py CONFIG --plan [--gpus 8] [--gpu-memory 80]          # the memory plan (plan.py)
 
 Each step of the run loop (`train`):
- 1. step_problems         this rank's contiguous share of the step's B prompts (a group never spans ranks)
+ 1. data.step_problems    this rank's contiguous share of the step's B prompts (a group never spans ranks)
  2. masa_step.collect     the step itself, in one file: prompts, rollouts of both paths on `actor` (the
                           full unsharded copy of the weights), steering, grading, rewards, advantages,
                           expert targets, the audit and the step's metrics
@@ -39,43 +39,32 @@ import checkpoints
 import masa
 import masa_kernels
 from config import Config, load_config
-from data import WarmStartExamples, load_problems, training_problems
-from eval import plot_training, run_summary, sample_problems
+from data import WarmStartExamples, chat_ids, load_problems, step_problems, stop_token_ids, training_problems
 from masa import Episode
 from masa_step import Expert, Purpose, StepData, collect, seed_for
 from model import Qwen3
 from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
-from plan import GIB, memory_plan, model_shape, print_plan
+from plan import GIB, check_sizes, memory_plan, print_plan
 from rewards import GraderPool, grade_batch
-from rollout import generate
+from rollout import SamplingParams, generate
+from training_report import plot_training, run_summary
 
 # ---------------------------------------------------------------------------------------------------
 # The step's problems and its validation (the step itself: masa_step.py)
 
 
-def step_problems(problems: list[dict], cfg: Config, step: int, env: Env) -> list[dict]:
-    """This rank's share of step `step`'s prompts: epochs are seeded permutations of the data."""
-    B, n = cfg.train.batch_size, len(problems)
-    share = B // env.world
-    out = []
-    for i in range(step * B + env.rank * share, step * B + (env.rank + 1) * share):
-        epoch, index = divmod(i, n)
-        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(n) if cfg.data.shuffle else range(n)
-        out.append(problems[order[index]])
-    return out
-
-
-def validate(cfg: Config, env: Env, actor, tokenizer, pool, problems: list[dict]) -> float:
-    """Accuracy of the solution path on held-out problems (eval.sample_problems): `validation.samples`
-    responses per problem at validation.temperature (0: greedy) and top_p; problems split across ranks."""
-    settings = argparse.Namespace(n=cfg.validation.samples, temperature=cfg.validation.temperature,
-                                  top_p=cfg.validation.top_p, max_new_tokens=cfg.rollout.max_response_tokens,
-                                  meta=False, progress=False)
-    records = sample_problems(actor, tokenizer, problems[env.rank::env.world], settings, pool,
-                              seed_for(cfg, 0, 0, Purpose.VALIDATION), cfg.prompt, cfg.rollout.slots or None,
-                              streams=list(range(env.rank, len(problems), env.world)),
-                              graphs=None if cfg.rollout.cuda_graphs else False)
-    graded = [r["correct"] for record in records for r in record["responses"]]
+def validate(cfg: Config, env: Env, tokenizer, problems: list[dict], sampler, grader) -> float:
+    """Accuracy of the solution path on held-out problems: `validation.samples` responses per problem at
+    validation.temperature (0: greedy) and top_p. Ranks split the problems; each problem samples its
+    own stream (its index), so the number of ranks changes no token."""
+    mine, n = problems[env.rank::env.world], cfg.validation.samples
+    params = SamplingParams(n=n, temperature=cfg.validation.temperature, top_p=cfg.validation.top_p,
+                            max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))
+    prompts = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], cfg.prompt.solution)) for p in mine]
+    rollouts = sampler(prompts, params, seed=seed_for(cfg, 0, 0, Purpose.VALIDATION),
+                       streams=list(range(env.rank, len(problems), env.world))) if prompts else []
+    texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for rs in rollouts for r in rs]
+    graded = grader(texts, [p["answer"] for p in mine for _ in range(n)]).correct if texts else []
     right, total = all_reduce([sum(graded), len(graded)], env)
     return right / total if total else float("nan")
 
@@ -311,27 +300,6 @@ def warmup_factor(optim, step: int) -> float:
     return min(1.0, (step + (0 if optim.warmup_from_zero else 1)) / optim.warmup_steps)
 
 
-def check_sizes(cfg: Config, env: Env):
-    """Refuse, before anything is loaded or allocated, lengths the model cannot take and (on CUDA) a
-    KV pool the memory plan says cannot hold one sequence; warn when the plan's peak exceeds the GPU."""
-    shape, source = model_shape(cfg)
-    positions = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
-    if positions > shape.max_position_embeddings:
-        raise ValueError(f"rollout.max_prompt_tokens + rollout.max_response_tokens = {positions:,} positions, more "
-                         f"than the model takes ({shape.max_position_embeddings:,}, max_position_embeddings of "
-                         f"{source}): lower rollout.max_response_tokens")
-    if env.device.type == "cuda":
-        gib = torch.cuda.get_device_properties(env.device).total_memory / GIB
-        plan = memory_plan(cfg, env.world, gib)
-        if not plan["one_sequence_fits"]:
-            raise ValueError(f"the KV pool ({plan['kv_tokens']:,} positions) cannot hold one sequence of {positions:,} "
-                             f"positions on a {gib:.0f} GiB GPU (train.py CONFIG --plan): lower "
-                             f"rollout.max_response_tokens or set rollout.kv_tokens")
-        if not plan["fits"] and env.main:
-            print(f"warning: train.py --plan puts this run's peak above the GPU's budget ({gib:.0f} GiB): expect "
-                  f"out-of-memory errors", flush=True)
-
-
 def save(cfg: Config, env: Env, run: Run, step: int):
     if cfg.checkpoint.every:
         checkpoints.save(cfg, env.rank, step, run.policy, run.optimizer, run.scheduler, run.actor, run.tokenizer,
@@ -386,7 +354,7 @@ def train(cfg: Config):
     env = setup_distributed()
     if cfg.train.batch_size % env.world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {env.world} processes")
-    check_sizes(cfg, env)
+    check_sizes(cfg, env.world, env.device, env.main)
     if env.main:
         checkpoints.lock(cfg)  # before anything is written
     dist.barrier()
@@ -398,6 +366,7 @@ def train(cfg: Config):
     pool = GraderPool()
     sampler = partial(generate, run.actor, slots=cfg.rollout.slots or None, kv_tokens=cfg.rollout.kv_tokens or None,
                       graphs=None if cfg.rollout.cuda_graphs else False)
+    grader = partial(grade_batch, pool=pool)
     val_problems = None
     if cfg.validation.path:
         val_problems = load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
@@ -408,8 +377,8 @@ def train(cfg: Config):
             started = time.perf_counter()
             if env.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(env.device)
-            problems = step_problems(run.problems, cfg, step, env)
-            data = collect(cfg, step, env, run.tokenizer, problems, sampler, partial(grade_batch, pool=pool))
+            problems = step_problems(run.problems, cfg, step, env.rank, env.world)
+            data = collect(cfg, step, env, run.tokenizer, problems, sampler, grader)
             metrics = update(cfg, env, run.policy, run.optimizer, run.scheduler, data.episodes, run.reference)
             skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_steps"] else 0
             updated = time.perf_counter()
@@ -421,7 +390,7 @@ def train(cfg: Config):
             if changes and step == run.start:
                 record["config_changes"] = changes  # allowed experiment changes, logged once: the first step after the resume
             if val_problems and (step + 1) % cfg.validation.every == 0:
-                record["val_accuracy"] = validate(cfg, env, run.actor, run.tokenizer, pool, val_problems)
+                record["val_accuracy"] = validate(cfg, env, run.tokenizer, val_problems, sampler, grader)
             if log:
                 log.write(record)
             if bar:

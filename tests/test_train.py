@@ -368,7 +368,7 @@ def test_the_cpu_demo_config_runs_a_warm_start_then_rl(tmp_path):
 def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_values(tmp_path):
     from checkpoints import MetricsLog
     from config import load_config
-    from eval import run_summary
+    from training_report import run_summary
 
     cfg = load_config(CONFIG, [f"checkpoint.dir={tmp_path}"])
     log = MetricsLog(cfg, start=0)
@@ -385,7 +385,7 @@ def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_values(tmp_path):
 
 
 def test_run_summary_compares_the_first_and_last_steps(tmp_path):
-    from eval import run_summary
+    from training_report import run_summary
 
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "accuracy": a} for s, a in [(1, 0.1), (2, 0.2), (3, 0.5), (4, 0.7)]]
