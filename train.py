@@ -39,7 +39,8 @@ import checkpoints
 import masa
 import masa_kernels
 from config import Config, load_config
-from data import WarmStartExamples, chat_ids, load_problems, step_problems, stop_token_ids, training_problems
+from data import (WarmStartExamples, load_problems, solution_prompt_ids, step_problems, stop_token_ids,
+                  training_problems)
 from masa import Episode
 from masa_step import Expert, Purpose, StepData, collect, seed_for
 from model import Qwen3
@@ -60,7 +61,7 @@ def validate(cfg: Config, env: Env, tokenizer, problems: list[dict], sampler, gr
     mine, n = problems[env.rank::env.world], cfg.validation.samples
     params = SamplingParams(n=n, temperature=cfg.validation.temperature, top_p=cfg.validation.top_p,
                             max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))
-    prompts = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], cfg.prompt.solution)) for p in mine]
+    prompts = [solution_prompt_ids(tokenizer, cfg, p["problem"]) for p in mine]
     rollouts = sampler(prompts, params, seed=seed_for(cfg, 0, 0, Purpose.VALIDATION),
                        streams=list(range(env.rank, len(problems), env.world))) if prompts else []
     texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for rs in rollouts for r in rs]
