@@ -1,7 +1,7 @@
 """The grader's worker processes: symbolic equivalence checks (rewards.symbolic_equal, named to the
 workers as "rewards:symbolic_equal") run in subprocesses, each item under a hard timeout.
 
-A module of its own so that rewards.py reads as the grading rules and the meta rewards: this is the
+A module of its own so that rewards.py reads as the grading rules: this is the
 process machinery, and nothing in it decides what a correct answer is. It imports nothing of the
 project: the workers import the check by the name they are given, so rewards.py -> grader_pool.py
 is the only direction.
