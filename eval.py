@@ -5,6 +5,8 @@ pass rate and solution length (the paper's meta-awareness measurements, its Figu
         --n 32 --temperature 0.6 --top-p 1.0 --max-new-tokens 16384 [--meta] [--out results/]
     torchrun --nproc_per_node 8 eval.py --samples 32 ...   # ranks split the problems; results gathered
                                                           # (torchrun takes --n for its own --nnodes)
+    results = evaluate("runs/qwen3_8b_masa/step_000314/model", ["aime24"], n=32, meta=True, out="results")
+                                                          # the same from Python: the options as keywords
 
 A benchmark is a name looked up as <data-dir>/<name>.jsonl (default ../shared/data/bench when it
 exists, else data/bench) or a path to a JSONL/parquet file with "problem" and "answer" fields.
@@ -17,7 +19,7 @@ done, and a rerun into the same --out with the same settings skips the benchmark
 loads. With --meta it also draws --meta-n predictions per problem from the meta prompt (stating the
 group size n and the response budget) and reports the calibration of the predicted pass rate (mean
 absolute error and Spearman correlation against the empirical one), the fraction of predicted
-lengths inside [min, max] of the correct responses' lengths, the notion score (rewards.meta_reward's
+lengths inside [min, max] of the correct responses' lengths, the notion score (meta_prediction.meta_reward's
 notion part), the parse-failure rate, and scatter plots (PNG, when matplotlib is installed). Each
 problem samples its own stream (its index in the benchmark), so results depend on --seed, not on
 the number of ranks.
@@ -34,16 +36,20 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import masa
 from config import PromptConfig, load_config
 from data import chat_ids, load_problems, stop_token_ids
+from meta_prediction import Outcome, meta_reward, parse_meta
 from model import Qwen3
-from rewards import GraderPool, Outcome, grade_batch, meta_reward, parse_meta
+from parallel import setup_distributed
+from rewards import GraderPool, grade_batch
 from rollout import SamplingParams, generate
 
 
@@ -80,47 +86,50 @@ def spearman(x: list[float], y: list[float]) -> float:
 # One benchmark
 
 
-def sample_problems(model, tokenizer, problems, args, pool, seed, template: PromptConfig | None = None,
-                    slots: int | None = None, streams: list[int] | None = None,
-                    graphs: bool | None = None) -> list[dict]:
-    """Responses (and with --meta, predictions) for `problems`, graded: one record per problem.
-    `template`: the prompt templates (config.py's PromptConfig; default: the paper's); `slots`: the
-    sampler's lanes; `streams`: each problem's sampling stream (rollout.generate), e.g. its index in
-    the whole benchmark, so that results do not depend on how problems are split across ranks;
-    `graphs`: rollout.generate's (None: CUDA graphs on CUDA)."""
+def sample_problems(model, tokenizer, problems: list[dict], *, n: int, temperature: float, top_p: float,
+                    max_new_tokens: int, meta: bool = False, meta_n: int = 16, meta_max_new_tokens: int = 2048,
+                    pool: GraderPool | None = None, seed: int = 0, template: PromptConfig | None = None,
+                    slots: int | None = None, streams: list[int] | None = None, graphs: bool | None = None,
+                    progress: bool = False) -> list[dict]:
+    """`n` responses per problem (and with `meta`, `meta_n` predictions from the meta prompt, which
+    states n and max_new_tokens), graded in `pool`: one record per problem. `template`: the prompt
+    templates (config.py's PromptConfig; default: the paper's); `slots`: the sampler's lanes;
+    `streams`: each problem's sampling stream (rollout.generate), e.g. its index in the whole
+    benchmark, so that results do not depend on how problems are split across ranks; `graphs`:
+    rollout.generate's (None: CUDA graphs on CUDA)."""
     template = template or PromptConfig()
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                            stop_token_ids=stop_token_ids(tokenizer))
     prompts = [chat_ids(tokenizer, masa.solution_prompt(p["problem"], template.solution)) for p in problems]
     rollouts = generate(model, prompts, params, seed=seed, streams=streams, slots=slots, graphs=graphs,
-                        progress=args.progress) if prompts else []
+                        progress=progress) if prompts else []
     texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rs] for rs in rollouts]
-    grades = grade_batch([t for ts in texts for t in ts], [p["answer"] for p in problems for _ in range(args.n)],
+    grades = grade_batch([t for ts in texts for t in ts], [p["answer"] for p in problems for _ in range(n)],
                          pool) if prompts else None
     records = []
     for i, (problem, rs, ts) in enumerate(zip(problems, rollouts, texts)):
-        part = slice(i * args.n, (i + 1) * args.n)
+        part = slice(i * n, (i + 1) * n)
         records.append({"id": problem.get("id", i), "answer": problem["answer"], "responses": [
             {"text": t, "extracted": x, "correct": c, "length": len(r.token_ids), "finish_reason": r.finish_reason}
             for t, r, x, c in zip(ts, rs, grades.extracted[part], grades.correct[part])]})
-    if args.meta and prompts:
-        meta_params = SamplingParams(n=args.meta_n, temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=args.meta_max_new_tokens, stop_token_ids=params.stop_token_ids)
-        meta_prompts = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], template.meta, args.n, args.max_new_tokens))
+    if meta and prompts:
+        meta_params = SamplingParams(n=meta_n, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=meta_max_new_tokens, stop_token_ids=params.stop_token_ids)
+        meta_prompts = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], template.meta, n, max_new_tokens))
                         for p in problems]
         meta_rollouts = generate(model, meta_prompts, meta_params, seed=seed + 1, streams=streams, slots=slots,
-                                 graphs=graphs, progress=args.progress)
+                                 graphs=graphs, progress=progress)
         for problem, record, rs in zip(problems, records, meta_rollouts):
             outcomes = [Outcome(r["correct"], r["length"], r["text"]) for r in record["responses"]]
             record["meta"] = []
             for r in rs:
                 text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
-                prediction = parse_meta(text, args.n, args.max_new_tokens)
+                prediction = parse_meta(text, n, max_new_tokens)
                 record["meta"].append({
                     "text": text, "pass_rate": prediction.pass_rate if prediction else None,
                     "solution_length": prediction.solution_length if prediction else None,
                     "notions": prediction.notions if prediction else None,
-                    "reward": meta_reward(prediction, outcomes, problem["problem"], args.n)})
+                    "reward": meta_reward(prediction, outcomes, problem["problem"], n)})
     return records
 
 
@@ -286,24 +295,131 @@ def write_results(out: Path, settings: dict, results: dict, ks: list[int], meta:
     return markdown(results, ks, meta)
 
 
-def agree(distributed: bool, value):
-    """Rank 0's `value` on every rank (itself when there is one process)."""
-    if not distributed:
-        return value
-    import torch.distributed as dist
-
+def agree(value):
+    """Rank 0's `value` on every rank."""
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def stop(distributed: bool, exit_):
-    """Leave the process group (all ranks call this together), then `exit_()`."""
-    if distributed:
-        import torch.distributed as dist
+class EvalStopped(Exception):
+    """Evaluation cannot go on: the message names the problem and the fix (the command prints it without
+    a traceback)."""
 
-        dist.destroy_process_group()
-    exit_()
+
+def evaluate(model: str, benchmarks: list[str] | str, *, data_dir: str | Path | None = None, n: int = 32,
+             k: list[int] | str = (1,), temperature: float = 0.6, top_p: float = 1.0, max_new_tokens: int = 16384,
+             meta: bool = False, meta_n: int = 16, meta_max_new_tokens: int = 2048,
+             config: str | Path | None = None, seed: int = 0, out: str | Path = "eval_results",
+             progress: bool = True, cuda_graphs: bool = True, redo: bool = False) -> dict[str, dict]:
+    """Evaluate checkpoint (or hub id) `model` on `benchmarks` (names under data_dir, or JSONL/parquet
+    paths), as the module docstring says; the keywords are the command's options. On one process, or
+    on every rank of a torchrun job (collective; the process group is made if there is none, and
+    removed again). Returns the metrics by benchmark, in the order asked for, on rank 0 ({} on the
+    others). Raises ValueError naming the bad argument before any model loads, EvalStopped when a
+    result cannot be written (what was written before stays)."""
+    out, data_dir = Path(out), Path(data_dir) if data_dir else default_data_dir()
+    names = [b for b in (benchmarks.split(",") if isinstance(benchmarks, str) else benchmarks) if b]
+    for option, value in (("--n", n), ("--meta-n", meta_n), ("--max-new-tokens", max_new_tokens),
+                          ("--meta-max-new-tokens", meta_max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"--temperature must be at least 0 (0 is greedy) and --top-p in (0, 1], got "
+                         f"{temperature} and {top_p}")
+    try:
+        asked = [int(x) for x in k.split(",")] if isinstance(k, str) else [int(x) for x in k]
+    except ValueError:
+        raise ValueError(f"--k must be comma-separated integers, got {k!r}") from None
+    ks = sorted({1, *asked})
+    for x in ks:
+        if x < 1:
+            raise ValueError(f"--k values must be at least 1, got {x}")
+        if x > n:
+            raise ValueError(f"pass@{x} needs --n >= {x}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out names a directory for results.json, results.md and samples/")
+    missing = [f"{b} ({benchmark_file(b, data_dir)})" for b in names if not benchmark_file(b, data_dir).is_file()]
+    if missing or not names:
+        there = sorted(p.stem for p in data_dir.glob("*.jsonl")) if data_dir.is_dir() else []
+        raise ValueError(f"benchmark file not found: {', '.join(missing) or 'none given'}; benchmarks in {data_dir}: "
+                         f"{', '.join(there) or 'none'} (or give a .jsonl/.parquet path; --data-dir sets the folder)")
+    labels = [benchmark_label(b) for b in names]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"two benchmarks would share a name in --out: {', '.join(labels)}")
+    try:
+        problem_sets = {label: load_problems(benchmark_file(b, data_dir)) for b, label in zip(names, labels)}
+    except OSError as e:
+        raise ValueError(str(e)) from None
+    if not Path(model).is_dir() and (Path(model).exists() or str(model).count("/") != 1):
+        raise ValueError(f"--model {model} is neither a checkpoint directory nor a hub id (owner/name)")
+    saved = Path(model).parent / "config.yaml"
+    config_file = Path(config) if config else (saved if saved.is_file() else None)
+    settings = {"model": str(model), "benchmarks": ",".join(names), "data_dir": str(data_dir), "n": n,
+                "k": ",".join(str(x) for x in asked), "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "meta": meta, "meta_n": meta_n,
+                "meta_max_new_tokens": meta_max_new_tokens, "config": str(config) if config else None, "seed": seed,
+                "files": {label: hashlib.sha256(benchmark_file(b, data_dir).read_bytes()).hexdigest()
+                          for b, label in zip(names, labels)}}
+    template = load_config(config_file).prompt if config_file else PromptConfig()
+    with process_group() as env, GraderPool() as pool:
+        # Rank 0's reading of `out` decides what is left to run (other nodes may not see it); all stop together.
+        done, error = agree(completed(out, settings, labels, redo) if env.main else None)
+        if error:
+            raise ValueError(error)
+        from transformers import AutoTokenizer
+
+        dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        policy = Qwen3.from_pretrained(model, dtype=dtype, device=env.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        if config_file and env.main:
+            print(f"prompt templates from {config_file}")
+        results = dict(done)
+        if env.main:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            for label in done:
+                print(f"{label}: complete in {out} from an earlier run with these settings; skipped (--redo runs it)")
+        for label, problems in problem_sets.items():
+            if label in done:
+                continue
+            records = sample_problems(policy, tokenizer, problems[env.rank::env.world], n=n, temperature=temperature,
+                                      top_p=top_p, max_new_tokens=max_new_tokens, meta=meta, meta_n=meta_n,
+                                      meta_max_new_tokens=meta_max_new_tokens, pool=pool, seed=seed,
+                                      template=template, streams=list(range(env.rank, len(problems), env.world)),
+                                      graphs=None if cuda_graphs else False, progress=progress and env.main)
+            gathered = [None] * env.world
+            dist.all_gather_object(gathered, records)
+            records = [gathered[i % env.world][i // env.world] for i in range(len(problems))]
+            results[label] = summarize(records, n, ks, meta)
+            failed = None
+            if env.main:  # written as each benchmark finishes: a later failure loses none of it
+                try:
+                    write_atomically(out / "samples" / f"{label}.json", json.dumps(records))
+                    write_results(out, settings, {label: results[label]}, ks, meta)
+                    if meta:
+                        plot_calibration(label, records, n, out)
+                except Exception as e:  # told to every rank, which would otherwise wait in the next collective
+                    failed = f"writing {label}'s results to {out} failed: {type(e).__name__}: {e}"
+            if failed := agree(failed):
+                raise EvalStopped(failed)
+        if env.main:
+            results = {label: results[label] for label in labels}  # the order asked for
+            print(write_results(out, settings, results, ks, meta))
+        dist.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
+        return results if env.main else {}
+
+
+@contextmanager
+def process_group():
+    """torchrun's process group, or a one-process group (parallel.setup_distributed, with its timeout)
+    removed again on the way out; an existing group is used and left as it is."""
+    ours = not dist.is_initialized()
+    env = setup_distributed()
+    try:
+        yield env
+    finally:
+        if ours:
+            dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -331,112 +447,20 @@ def main(argv=None):
     parser.add_argument("--redo", action="store_true",
                         help="run every benchmark, even those --out already holds complete results for")
     args = parser.parse_args(argv)
-    # Everything that can be wrong is checked before the model loads: no sampling is thrown away.
-    for option, value in (("--n", args.n), ("--meta-n", args.meta_n), ("--max-new-tokens", args.max_new_tokens),
-                          ("--meta-max-new-tokens", args.meta_max_new_tokens)):
-        if value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error(f"--temperature must be at least 0 (0 is greedy) and --top-p in (0, 1], got "
-                     f"{args.temperature} and {args.top_p}")
     try:
-        ks = sorted({1, *(int(k) for k in args.k.split(","))})
-    except ValueError:
-        parser.error(f"--k must be comma-separated integers, got {args.k!r}")
-    for k in ks:
-        if k < 1:
-            parser.error(f"--k values must be at least 1, got {k}")
-        if k > args.n:
-            parser.error(f"pass@{k} needs --n >= {k}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file; --out names a directory for results.json, results.md and samples/")
-    data_dir = args.data_dir or default_data_dir()
-    names = [n for n in args.benchmarks.split(",") if n]
-    missing = [f"{n} ({benchmark_file(n, data_dir)})" for n in names if not benchmark_file(n, data_dir).is_file()]
-    if missing or not names:
-        there = sorted(p.stem for p in data_dir.glob("*.jsonl")) if data_dir.is_dir() else []
-        parser.error(f"benchmark file not found: {', '.join(missing) or 'none given'}; benchmarks in {data_dir}: "
-                     f"{', '.join(there) or 'none'} (or give a .jsonl/.parquet path; --data-dir sets the folder)")
-    labels = [benchmark_label(n) for n in names]
-    if len(set(labels)) < len(labels):
-        parser.error(f"two benchmarks would share a name in --out: {', '.join(labels)}")
-    try:
-        benchmarks = {label: load_problems(benchmark_file(n, data_dir)) for n, label in zip(names, labels)}
-    except (ValueError, OSError) as e:
+        evaluate(**vars(args))
+    except ValueError as e:
         parser.error(str(e))
-    if not Path(args.model).is_dir() and (Path(args.model).exists() or args.model.count("/") != 1):
-        parser.error(f"--model {args.model} is neither a checkpoint directory nor a hub id (owner/name)")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings["files"] = {label: hashlib.sha256(benchmark_file(n, data_dir).read_bytes()).hexdigest()
-                         for n, label in zip(names, labels)}
-    saved = Path(args.model).parent / "config.yaml"
-    config_file = args.config or (saved if saved.is_file() else None)
-    template = load_config(config_file).prompt if config_file else PromptConfig()
+    except EvalStopped as e:
+        sys.exit(f"error: {e}")
 
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
 
-    distributed = "WORLD_SIZE" in os.environ
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before any collective: NCCL's object collectives use the current device
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    # Rank 0's reading of --out decides what is left to run (other nodes may not see it), and all stop together.
-    done, error = completed(args.out, settings, labels, args.redo) if rank == 0 else ({}, None)
-    done, error = agree(distributed, (done, error))
-    if error:
-        stop(distributed, lambda: parser.error(error))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Qwen3.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if config_file and rank == 0:
-        print(f"prompt templates from {config_file}")
-    results = dict(done)
-    args.progress = args.progress and rank == 0
-    if rank == 0:
-        (args.out / "samples").mkdir(parents=True, exist_ok=True)
-        for label in done:
-            print(f"{label}: complete in {args.out} from an earlier run with these settings; skipped (--redo runs it)")
-    with GraderPool() as pool:
-        for label, problems in benchmarks.items():
-            if label in done:
-                continue
-            mine = problems[rank::world]
-            records = sample_problems(model, tokenizer, mine, args, pool, args.seed, template,
-                                      streams=list(range(rank, len(problems), world)),
-                                      graphs=None if args.cuda_graphs else False)
-            if distributed:
-                gathered = [None] * world
-                dist.all_gather_object(gathered, records)
-                records = [r for i in range(len(problems)) for r in [gathered[i % world][i // world]]]
-            results[label] = summarize(records, args.n, ks, args.meta)
-            failed = None
-            if rank == 0:  # written as each benchmark finishes: a later failure loses none of it
-                try:
-                    write_atomically(args.out / "samples" / f"{label}.json", json.dumps(records))
-                    write_results(args.out, settings, {label: results[label]}, ks, args.meta)
-                    if args.meta:
-                        plot_calibration(label, records, args.n, args.out)
-                except Exception as e:  # told to every rank, which would otherwise wait in the next collective
-                    failed = f"writing {label}'s results to {args.out} failed: {type(e).__name__}: {e}"
-            failed = agree(distributed, failed)
-            if failed:
-                stop(distributed, lambda: sys.exit(f"error: {failed}"))
-    if rank == 0:
-        results = {label: results[label] for label in labels}  # the order asked for
-        print(write_results(args.out, settings, results, ks, args.meta))
-    if distributed:
-        dist.barrier()  # no rank tears the group down while rank 0 still writes
-        dist.destroy_process_group()
+if __name__ == "__main__":
+    main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and the group is gone, yet the interpreter's teardown aborts now and
         # then on a CPU ("terminate called without an active exception" from a C++ thread, in about 1
         # of 10 two-process runs on a loaded 2-core machine): end the process without it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -65,10 +64,10 @@ def evaluate(model_dir: Path, problems: list[dict], args, pool) -> dict:
     model = Qwen3.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = load_config(model_dir.parent / "config.yaml")
-    options = SimpleNamespace(n=args.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                              max_new_tokens=cfg.rollout.max_response_tokens, meta=True, meta_n=args.meta_n,
-                              meta_max_new_tokens=cfg.rollout.max_response_tokens, progress=False)
-    records = sample_problems(model, tokenizer, problems, options, pool, seed=args.eval_seed, template=cfg.prompt)
+    records = sample_problems(model, tokenizer, problems, n=args.n, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_response_tokens, meta=True,
+                              meta_n=args.meta_n, meta_max_new_tokens=cfg.rollout.max_response_tokens, pool=pool,
+                              seed=args.eval_seed, template=cfg.prompt)
     out = summarize(records, args.n, [1], meta=True)
     rates = np.array([sum(r["correct"] for r in rec["responses"]) / args.n for rec in records])
     difficulty = np.array([p["difficulty"] for p in problems])

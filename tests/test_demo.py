@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -56,13 +55,13 @@ def evaluate(model_dir: Path, problems: list[dict], pool) -> dict:
     from transformers import AutoTokenizer
 
     cfg = load_config(model_dir.parent / "config.yaml")
-    options = SimpleNamespace(n=16, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                              max_new_tokens=cfg.rollout.max_response_tokens, meta=True, meta_n=8,
-                              meta_max_new_tokens=cfg.rollout.max_response_tokens, progress=False)
     model = Qwen3.from_pretrained(model_dir, dtype=torch.float32).eval()
-    records = sample_problems(model, AutoTokenizer.from_pretrained(model_dir), problems, options, pool, seed=0,
+    records = sample_problems(model, AutoTokenizer.from_pretrained(model_dir), problems, n=16,
+                              temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              max_new_tokens=cfg.rollout.max_response_tokens, meta=True, meta_n=8,
+                              meta_max_new_tokens=cfg.rollout.max_response_tokens, pool=pool, seed=0,
                               template=cfg.prompt)
-    return summarize(records, options.n, [1], meta=True)
+    return summarize(records, 16, [1], meta=True)
 
 
 def test_masa_rl_improves_calibration_without_losing_accuracy(tmp_path):

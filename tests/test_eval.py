@@ -161,6 +161,22 @@ def test_bad_arguments_stop_eval_before_any_sampling(tiny, tmp_path, monkeypatch
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_evaluate_is_the_command_as_a_function_with_keywords(tiny, tmp_path):
+    import torch.distributed as dist
+
+    from eval import evaluate
+
+    main(eval_args(tiny, tmp_path / "cli", "five"))
+    had_a_group = dist.is_initialized()  # another test's one-process group is used and left as it was
+    results = evaluate(str(tiny / "model"), ["five"], data_dir=tiny, n=2, temperature=1.0, max_new_tokens=6,
+                       out=tmp_path / "lib", progress=False)
+    assert results == json.loads((tmp_path / "cli" / "results.json").read_text())["results"]  # the same samples
+    assert (tmp_path / "lib" / "samples" / "five.json").read_text() == (tmp_path / "cli" / "samples" / "five.json").read_text()
+    assert dist.is_initialized() == had_a_group  # a group it made itself is gone again
+    with pytest.raises(ValueError, match="pass@3 needs --n >= 3"):
+        evaluate(str(tiny / "model"), ["five"], data_dir=tiny, n=2, k=[3], out=tmp_path / "bad")
+
+
 def test_a_benchmark_in_a_subfolder_is_named_by_its_file(tiny, tmp_path):
     (tiny / "sub").mkdir(exist_ok=True)
     shutil.copy(tiny / "five.jsonl", tiny / "sub" / "five.jsonl")
