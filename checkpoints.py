@@ -1,16 +1,17 @@
-"""The run directory: checkpoints written atomically, exact resume, the metrics log kept in step
-with them, and the random starting model of a model.init: random run (the CPU demo).
+"""The run directory: checkpoints written atomically, exact resume, and the metrics log kept in step
+with them.
 
 A module of its own so that train.py reads as the method: this is the machinery that makes a run
 survive a crash or a kill, and nothing in it depends on GRPO or MASA.
 
 Layout of checkpoint.dir:
     initial/                  with model.init: random, the random starting model and its tokenizer
+                              (warm_start.initial_model)
     step_NNNNNN/model/        Hugging Face checkpoint of the policy (loadable by transformers and vLLM),
                               tokenizer included
     step_NNNNNN/state/        torch.distributed.checkpoint of the sharded policy and optimizer
     step_NNNNNN/rank<r>.pt    per rank: the step, the LR scheduler, every RNG, and the trainer's extra
-                              state (behaviour-cloning buffer, data position)
+                              state (the behaviour-cloning buffer)
     step_NNNNNN/config.yaml   the resolved config
     step_NNNNNN/manifest.json every other file of the checkpoint with its size, and a SHA-256 for
                               files up to HASH_LIMIT bytes (all but the large weight shards); written last
@@ -42,7 +43,6 @@ import re
 import shutil
 import socket
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,23 +51,6 @@ import torch.distributed as dist
 import yaml
 
 from config import BENIGN_ON_RESUME, Config, flat, to_dict
-from data import ARITHMETIC_WORDS, build_char_tokenizer
-from model import PRESETS, Qwen3
-
-
-def initial_model(cfg: Config, rank: int) -> str:
-    """The checkpoint training starts from: model.path, or for model.init: random a new model of
-    model.preset's shape with a character tokenizer, written once to checkpoint.dir/initial (the CPU
-    demo), so that every later step loads it exactly as it would load a pretrained checkpoint."""
-    if cfg.model.init == "pretrained":
-        return cfg.model.path
-    path = Path(cfg.checkpoint.dir) / "initial"
-    if rank == 0 and not (path / "config.json").is_file():
-        tokenizer = build_char_tokenizer(path, words=ARITHMETIC_WORDS)
-        torch.manual_seed(cfg.train.seed)
-        Qwen3(replace(PRESETS[cfg.model.preset], vocab_size=len(tokenizer))).save_pretrained(path)
-    dist.barrier()
-    return str(path)
 
 
 def rng_state() -> dict:

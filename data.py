@@ -12,9 +12,8 @@ tokens and chat template, saved so that transformers.AutoTokenizer loads it exac
 model's tokenizer: tests and the CPU demo run the same tokenization code as a Qwen3 run.
 
 `chat_ids` and `stop_token_ids` are the two places where token ids meet text for the model: the
-trainer and the evaluation build prompts and stop conditions the same way. `solution_prompt_ids`
-and `meta_prompt_ids` are the trainer's two prompts (masa.py's templates, filled from the config,
-in the chat template).
+trainer and the evaluation build prompts and stop conditions the same way (the trainer's two
+prompts: masa_step.solution_prompt_ids and meta_prompt_ids).
 
 The synthetic task of the CPU demo lives here too: column addition and subtraction whose reference
 solutions name their notions ("carry", "borrow"), with difficulty set by the number of digits.
@@ -29,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from masa import meta_prompt, solution_prompt, uninformative_meta_target
 from rewards import has_content
 
 
@@ -75,15 +73,16 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
     return problems
 
 
-def training_problems(cfg, tokenizer, verbose: bool = True) -> list[dict]:
+def training_problems(cfg, fits, verbose: bool = True) -> list[dict]:
     """The problems a run trains on (cfg: config.Config): generated with the run's seed for
-    data.source: arithmetic (the CPU demo), else read from data.train_path; those whose prompts (the
-    meta prompt too, unless GRPO) exceed rollout.max_prompt_tokens are dropped, with a note."""
+    data.source: arithmetic (the CPU demo), else read from data.train_path; those whose prompts do not
+    fit rollout.max_prompt_tokens (`fits(problem text)` is False: masa_step.prompts_fit) are dropped,
+    with a note."""
     if cfg.data.source == "arithmetic":
         problems = arithmetic_problems(cfg.data.arithmetic_count, cfg.train.seed, tuple(cfg.data.arithmetic_digits))
     else:
         problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
-    kept = [p for p in problems if prompts_fit(tokenizer, cfg, p["problem"])]
+    kept = [p for p in problems if fits(p["problem"])]
     if not kept:
         raise ValueError(f"no problem in {cfg.data.train_path} fits rollout.max_prompt_tokens="
                          f"{cfg.rollout.max_prompt_tokens} (meta prompt included); raise the limit")
@@ -199,60 +198,6 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                         tokenize=True)
     return list(out if isinstance(out, list) else out["input_ids"])
-
-
-def solution_prompt_ids(tokenizer, cfg, problem: str, hint: str = "") -> list[int]:
-    """The solution prompt's token ids (cfg: config.Config), with the hint text (masa.hint_text) only
-    if the prompt still fits rollout.max_prompt_tokens."""
-    ids = chat_ids(tokenizer, solution_prompt(problem, cfg.prompt.solution, hint))
-    if hint and len(ids) > cfg.rollout.max_prompt_tokens:
-        return solution_prompt_ids(tokenizer, cfg, problem)
-    return ids
-
-
-def meta_prompt_ids(tokenizer, cfg, problem: str) -> list[int]:
-    """The meta prompt's token ids: it states the real G and the real response budget."""
-    meta = meta_prompt(problem, cfg.prompt.meta, cfg.rollout.group_size, cfg.rollout.max_response_tokens)
-    return chat_ids(tokenizer, meta)
-
-
-def prompts_fit(tokenizer, cfg, problem: str) -> bool:
-    """Whether a problem's prompts (the meta prompt too, when the meta path runs) fit max_prompt_tokens."""
-    limit = cfg.rollout.max_prompt_tokens
-    if len(solution_prompt_ids(tokenizer, cfg, problem)) > limit:
-        return False
-    return cfg.algorithm == "grpo" or len(meta_prompt_ids(tokenizer, cfg, problem)) <= limit
-
-
-class WarmStartExamples:
-    """The examples of the CPU demo's supervised warm start (warm_start.*): a problem's reference
-    solution (its "solution" field) after the solution prompt, or, for a warm_start.meta_fraction of
-    them, a meta-path response whose values carry no information (masa.uninformative_meta_target)
-    after the meta prompt, so the warm start teaches the meta format and nothing else."""
-
-    def __init__(self, cfg, tokenizer, problems: list[dict]):
-        if any("solution" not in p for p in problems):
-            raise ValueError("warm_start.steps > 0 needs a 'solution' field on every training problem")
-        self.cfg, self.tokenizer, self.problems = cfg, tokenizer, problems
-        self.encoded = {}  # problem index -> (solution prompt, solution target, meta prompt): the chat template is slow
-
-    def batch(self, rng, size: int) -> list[tuple[list[int], list[int]]]:
-        """`size` (prompt ids, target ids) pairs drawn with rng (a random.Random)."""
-        return [self.example(rng.randrange(len(self.problems)), rng) for _ in range(size)]
-
-    def example(self, i: int, rng) -> tuple[list[int], list[int]]:
-        tokenizer, cfg, eos = self.tokenizer, self.cfg, self.tokenizer.eos_token_id
-        if i not in self.encoded:
-            p = self.problems[i]
-            self.encoded[i] = (solution_prompt_ids(tokenizer, cfg, p["problem"]),
-                               tokenizer.encode(p["solution"], add_special_tokens=False) + [eos],
-                               meta_prompt_ids(tokenizer, cfg, p["problem"]))
-        solution_prompt, solution, meta = self.encoded[i]
-        if rng.random() < cfg.warm_start.meta_fraction:
-            target = uninformative_meta_target(rng, cfg.rollout.group_size, cfg.rollout.max_response_tokens,
-                                               ARITHMETIC_NOTIONS)
-            return meta, tokenizer.encode(target, add_special_tokens=False) + [eos]
-        return solution_prompt, solution
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:

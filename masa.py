@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 import masa_kernels
-from rewards import MetaPrediction, Outcome, meta_reward
+from meta_prediction import MetaPrediction, Outcome, meta_reward
 
 # ---------------------------------------------------------------------------------------------------
 # The records
@@ -40,12 +40,13 @@ class Prompt:
     problem: str
     answer: str
     meta_ids: list[int] = field(default_factory=list, repr=False)  # the meta prompt, chat template applied
-    solution_ids: list[int] = field(default_factory=list, repr=False)  # the solution prompt (with its hint)
+    # the solution prompt (with its hint): one list of ids for all G rollouts, or G lists, one per rollout
+    # when each rollout has a hint of its own (efficient.hint_mode: rollout)
+    solution_ids: list[list[int]] = field(default_factory=list, repr=False)
     gated: bool = False  # predicted zero-variance: it gets no solution rollouts
     budget: int | None = None  # token budget of its solution rollouts (early cutoff); None: no cutoff
     hints: list[str] = field(default_factory=list)  # hint text appended to its solution prompt: one shared by
     #                                                 its G rollouts, or one per rollout; []: none
-    rollout_ids: list[list[int]] = field(default_factory=list, repr=False)  # per-rollout hints: each rollout's prompt
 
 
 @dataclass
@@ -131,8 +132,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
       token-mean            sum over all response tokens / scale.tokens (the paper's);
       seq-mean-token-mean   each response's token mean, summed / scale.sequences;
       constant              sum / (scale.sequences * scale.max_response_tokens) (Dr.GRPO).
-    Returns (loss, metrics): metrics are sums over this micro-batch's tokens (clipped tokens, ratio
-    sum/min/max, entropy and KL sums, token count), so they add across micro-batches and ranks.
+    Returns (loss, metrics): metrics are 0-dim tensors, sums over this micro-batch's tokens (clipped
+    tokens, ratio sum, entropy and KL sums, token count) that add across micro-batches and ranks, and
+    the ratio's min and max (1 without tokens). Nothing is read back to the host here: the caller
+    reads the sums once per optimizer step.
     """
     on = mask > 0
     # Positions outside the mask are set to 0 first (torch.where, whose backward sends them no
@@ -164,15 +167,16 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     else:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; use token-mean, seq-mean-token-mean "
                          f"or constant")
-    with torch.no_grad():
+    with torch.no_grad():  # tensors on the loss's device: reading none of them here costs no host sync
+        empty, zero = ~on.any(), loss.new_zeros(())
         metrics = {
-            "tokens": float(mask.sum()),
-            "clipped_tokens": float(((clipped > unclipped) & on).sum()),
-            "ratio_sum": float((ratio * mask).sum()),
-            "ratio_min": float(ratio[on].min()) if on.any() else 1.0,
-            "ratio_max": float(ratio[on].max()) if on.any() else 1.0,
-            "entropy_sum": float((entropy * mask).sum()) if entropy is not None else 0.0,
-            "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
+            "tokens": mask.sum(),
+            "clipped_tokens": ((clipped > unclipped) & on).sum().to(loss.dtype),
+            "ratio_sum": (ratio * mask).sum(),
+            "ratio_min": torch.where(empty, 1.0, torch.where(on, ratio, torch.inf).amin()),
+            "ratio_max": torch.where(empty, 1.0, torch.where(on, ratio, -torch.inf).amax()),
+            "entropy_sum": (entropy * mask).sum() if entropy is not None else zero,
+            "kl_sum": (kl * mask).sum() if kl is not None else zero,
         }
     return loss, metrics
 
@@ -255,7 +259,7 @@ def expert_target(response: str, prediction: MetaPrediction, correct_lengths: li
     the meta path must produce, with the true statistics of this step's rollouts filled in (pass rate
     = number correct, solution length = median correct length, or the prediction's when none was
     correct) and the expert's notions. Written with json.dumps, i.e. exactly what
-    rewards.parse_meta reads back (the paper's code wrote Python-dict text its parser rejected)."""
+    meta_prediction.parse_meta reads back (the paper's code wrote Python-dict text its parser rejected)."""
     start, end = response.find("<meta>"), response.find("</meta>")
     reasoning = response[start:end + len("</meta>")] if 0 <= start < end else "<meta></meta>"
     length = int(statistics.median(correct_lengths)) if correct_lengths else prediction.solution_length
@@ -264,7 +268,7 @@ def expert_target(response: str, prediction: MetaPrediction, correct_lengths: li
 
 
 def uninformative_meta_target(rng, group_size: int, max_length: int, notions: list[str]) -> str:
-    """A meta-path response in the exact format rewards.parse_meta reads, whose values carry no
+    """A meta-path response in the exact format meta_prediction.parse_meta reads, whose values carry no
     information about any problem: pass rate uniform on 0..G, length uniform on 1..max_length, one
     or two notions drawn from `notions`. A supervised warm start on these teaches the format only,
     so whatever calibration appears later was learned from the meta rewards. rng: random.Random."""
@@ -324,7 +328,7 @@ def score_solutions(solutions: list[Episode], cutoff_in_loss: bool = True):
 
 def score_meta(prompts: list[Prompt], solutions: list[Episode], meta: list[Episode], group_size: int,
                base: float = 0.01):
-    """Meta rewards: every meta rollout is scored (rewards.meta_reward) against the G solution rollouts
+    """Meta rewards: every meta rollout is scored (meta_prediction.meta_reward) against the G solution rollouts
     of its own prompt, a rollout counting as correct when it earned its reward. A gated prompt has no
     solution rollouts, so nothing to score its predictions against: they leave the loss."""
     for prompt in prompts:

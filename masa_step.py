@@ -6,7 +6,8 @@
     data.metrics    # what metrics.jsonl records of the rollouts
 
 The stages, in the order `collect` runs them (docs/method.md §1):
- 1. make_prompts     one masa.Prompt per problem: both paths' prompts, in the chat template (data.py)
+ 1. make_prompts     one masa.Prompt per problem: both paths' prompts in the chat template (solution_prompt_ids,
+                     meta_prompt_ids)
  2. sample_rollouts  M meta and G solution rollouts per prompt in one sampler call; with MASA-efficient
                      once steering starts (masa.steers), the meta path first, then masa.steer (gating,
                      cutoff budgets, notion hints), then the solution path
@@ -16,6 +17,7 @@ The stages, in the order `collect` runs them (docs/method.md §1):
  6. masa.expert_targets                      behaviour cloning's targets, tokenized here
  7. audit            every efficient.audit_every steps: what gating and cutoff skipped, run outside the loss
  8. step_metrics     the step's metrics, from the records
+`validate` runs the solution path alone on held-out problems, through the same sampler and grader.
 
 Why a module of its own: masa.py holds the method's pieces as plain functions over records, each
 checked alone; here they are put together in the order a step runs them, so that a reader follows a
@@ -40,10 +42,11 @@ import numpy as np
 
 import masa
 from config import Config
-from data import meta_prompt_ids, solution_prompt_ids, stop_token_ids
+from data import chat_ids, stop_token_ids
 from masa import Episode, Prompt
-from parallel import Env, Tally
-from rewards import Grades, parse_meta
+from meta_prediction import parse_meta
+from parallel import Env, Tally, all_reduce
+from rewards import Grades
 from rollout import SamplingParams
 
 # sampler(prompt ids, params, budgets=, seed=, counts=, streams=, first_samples=) -> rollouts per prompt:
@@ -133,7 +136,30 @@ def collect(cfg: Config, step: int, env: Env, tokenizer, problems: list[dict], s
 def make_prompts(cfg: Config, tokenizer, problems: list[dict], first: int) -> list[Prompt]:
     """One masa.Prompt per problem, numbered from `first` (its global index in the step)."""
     return [Prompt(first + i, p["problem"], p["answer"], meta_ids=meta_prompt_ids(tokenizer, cfg, p["problem"]),
-                   solution_ids=solution_prompt_ids(tokenizer, cfg, p["problem"])) for i, p in enumerate(problems)]
+                   solution_ids=[solution_prompt_ids(tokenizer, cfg, p["problem"])]) for i, p in enumerate(problems)]
+
+
+def solution_prompt_ids(tokenizer, cfg: Config, problem: str, hint: str = "") -> list[int]:
+    """The solution prompt's token ids, with the hint text (masa.hint_text) only
+    if the prompt still fits rollout.max_prompt_tokens."""
+    ids = chat_ids(tokenizer, masa.solution_prompt(problem, cfg.prompt.solution, hint))
+    if hint and len(ids) > cfg.rollout.max_prompt_tokens:
+        return solution_prompt_ids(tokenizer, cfg, problem)
+    return ids
+
+
+def meta_prompt_ids(tokenizer, cfg: Config, problem: str) -> list[int]:
+    """The meta prompt's token ids: it states the real G and the real response budget."""
+    meta = masa.meta_prompt(problem, cfg.prompt.meta, cfg.rollout.group_size, cfg.rollout.max_response_tokens)
+    return chat_ids(tokenizer, meta)
+
+
+def prompts_fit(tokenizer, cfg: Config, problem: str) -> bool:
+    """Whether a problem's prompts (the meta prompt too, when the meta path runs) fit max_prompt_tokens."""
+    limit = cfg.rollout.max_prompt_tokens
+    if len(solution_prompt_ids(tokenizer, cfg, problem)) > limit:
+        return False
+    return cfg.algorithm == "grpo" or len(meta_prompt_ids(tokenizer, cfg, problem)) <= limit
 
 
 def steering(cfg: Config, step: int) -> bool:
@@ -154,12 +180,8 @@ def sample_rollouts(cfg: Config, step: int, tokenizer, prompts: list[Prompt],
         meta = run(meta_requests, seed(Purpose.JOINT))
         hint_seeds = [seed_for(cfg, step, p.index, Purpose.HINTS) for p in prompts]  # per prompt: rank-free
         masa.steer(prompts, meta, cfg.efficient, step, G, cfg.rollout.max_response_tokens, hint_seeds, cfg.prompt)
-        for p in prompts:
-            hinted = [solution_prompt_ids(tokenizer, cfg, p.problem, hint) for hint in p.hints]
-            if len(hinted) == 1:
-                p.solution_ids = hinted[0]
-            elif hinted:
-                p.rollout_ids = hinted
+        for p in (p for p in prompts if p.hints):
+            p.solution_ids = [solution_prompt_ids(tokenizer, cfg, p.problem, hint) for hint in p.hints]
         requests = solution_requests(prompts, G)
         for r in requests:
             r.count = 0 if r.prompt.gated else r.count  # a gated prompt gets no solution rollouts
@@ -176,10 +198,10 @@ def solution_requests(prompts: list[Prompt], G: int) -> list[Request]:
     stream: the same noise either way."""
     out = []
     for p in prompts:
-        if p.rollout_ids:
-            out += [Request(p, "solution", ids, 1, j) for j, ids in enumerate(p.rollout_ids)]
+        if len(p.solution_ids) == 1:
+            out.append(Request(p, "solution", p.solution_ids[0], G))
         else:
-            out.append(Request(p, "solution", p.solution_ids, G))
+            out += [Request(p, "solution", ids, 1, j) for j, ids in enumerate(p.solution_ids)]
     return out
 
 
@@ -259,6 +281,9 @@ def step_metrics(cfg: Config, prompts: list[Prompt], solutions: list[Episode], m
     m = Tally()
     for name, count in audited.items():
         m.total(name, count)
+    if audited:  # the fraction of gated prompts / cut rollouts the audit confirmed
+        m.fraction("gating_precision", audited["audit_gated_zero_variance"], audited["audit_gated"])
+        m.fraction("cutoff_precision", audited["audit_cut_wrong"], audited["audit_cut"])
     m.mean("reward", [e.reward for e in solutions])
     m.mean("accuracy", [e.correct for e in solutions])  # cut-off rollouts graded as written
     m.total("solution_tokens", sum(len(e.response_ids) for e in solutions))
@@ -279,3 +304,23 @@ def step_metrics(cfg: Config, prompts: list[Prompt], solutions: list[Episode], m
     m.mean("meta_parse_failures", [e.prediction is None for e in meta])
     m.total("meta_tokens", sum(len(e.response_ids) for e in meta))
     return m
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: the solution path alone, on held-out problems
+
+
+def validate(cfg: Config, env: Env, tokenizer, problems: list[dict], sampler: Sampler, grader: Grader) -> float:
+    """Accuracy of the solution path on held-out problems: `validation.samples` responses per problem at
+    validation.temperature (0: greedy) and top_p. Ranks split the problems; each problem samples its
+    own stream (its index), so the number of ranks changes no token."""
+    mine, n = problems[env.rank::env.world], cfg.validation.samples
+    params = SamplingParams(n=n, temperature=cfg.validation.temperature, top_p=cfg.validation.top_p,
+                            max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))
+    prompts = [solution_prompt_ids(tokenizer, cfg, p["problem"]) for p in mine]
+    rollouts = sampler(prompts, params, seed=seed_for(cfg, 0, 0, Purpose.VALIDATION),
+                       streams=list(range(env.rank, len(problems), env.world))) if prompts else []
+    texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for rs in rollouts for r in rs]
+    graded = grader(texts, [p["answer"] for p in mine for _ in range(n)]).correct if texts else []
+    right, total = all_reduce([sum(graded), len(graded)], env)
+    return right / total if total else float("nan")

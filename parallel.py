@@ -105,6 +105,10 @@ class Tally:
     def total(self, name: str, value: float):
         self.sums[name] = float(value)
 
+    def fraction(self, name: str, hits: float, total: float):
+        """hits / total over all ranks (a mean of 0/1 values given as their sum and count)."""
+        self.sums[name], self.counts[name] = float(hits), float(total)
+
     def reduce(self, env: Env) -> dict[str, float]:
         """The global metrics (collective): totals, and means (NaN where nothing was counted)."""
         names, means = sorted(self.sums), sorted(self.counts)

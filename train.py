@@ -13,7 +13,9 @@ Each step of the run loop (`train`):
                           the fused kernel inside the model's forward, masa.policy_loss over the global
                           token count, gradient-norm clip, AdamW with linear warmup; a non-finite loss
                           or gradient skips the step and leaves the weights untouched
- 4. behaviour_cloning, refresh_actor, then the step's record in metrics.jsonl, validation, checkpoints
+ 4. behaviour_cloning, refresh_actor, then the step's record in metrics.jsonl, validation
+    (masa_step.validate), checkpoints
+A run from a random model (the CPU demo) starts with warm_start.py's supervised warm start.
 Training rollouts are seeded by (seed, step, purpose) and each sequence's noise by a stream derived
 from its global prompt index (masa_step.py), so a resumed run repeats exactly what the uninterrupted
 run would have done, on any number of ranks (the audit's and validation's draws are per rank);
@@ -39,36 +41,16 @@ import checkpoints
 import masa
 import masa_kernels
 from config import Config, load_config
-from data import (WarmStartExamples, load_problems, solution_prompt_ids, step_problems, stop_token_ids,
-                  training_problems)
+from data import load_problems, step_problems, training_problems
 from masa import Episode
-from masa_step import Expert, Purpose, StepData, collect, seed_for
+from masa_step import Expert, StepData, collect, prompts_fit, validate
 from model import Qwen3
 from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
 from plan import GIB, check_sizes, memory_plan, print_plan
 from rewards import GraderPool, grade_batch
-from rollout import SamplingParams, generate
-from training_report import plot_training, run_summary
-
-# ---------------------------------------------------------------------------------------------------
-# The step's problems and its validation (the step itself: masa_step.py)
-
-
-def validate(cfg: Config, env: Env, tokenizer, problems: list[dict], sampler, grader) -> float:
-    """Accuracy of the solution path on held-out problems: `validation.samples` responses per problem at
-    validation.temperature (0: greedy) and top_p. Ranks split the problems; each problem samples its
-    own stream (its index), so the number of ranks changes no token."""
-    mine, n = problems[env.rank::env.world], cfg.validation.samples
-    params = SamplingParams(n=n, temperature=cfg.validation.temperature, top_p=cfg.validation.top_p,
-                            max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))
-    prompts = [solution_prompt_ids(tokenizer, cfg, p["problem"]) for p in mine]
-    rollouts = sampler(prompts, params, seed=seed_for(cfg, 0, 0, Purpose.VALIDATION),
-                       streams=list(range(env.rank, len(problems), env.world))) if prompts else []
-    texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for rs in rollouts for r in rs]
-    graded = grader(texts, [p["answer"] for p in mine for _ in range(n)]).correct if texts else []
-    right, total = all_reduce([sum(graded), len(graded)], env)
-    return right / total if total else float("nan")
-
+from rollout import generate
+from training_report import plot_training, progress_bar, run_summary
+from warm_start import initial_model, warm_start
 
 # ---------------------------------------------------------------------------------------------------
 # The update
@@ -145,7 +127,8 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     # Responses with advantage 0 add nothing to the loss or its gradient (no KL or entropy term):
     # they count in the normalizer above but need no forward pass.
     needed = [s for s in sequences if s.advantage != 0 or cfg.loss.kl_coef or cfg.loss.entropy_coef]
-    sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0, "kl_sum": 0.0}
+    names = ("tokens", "clipped_tokens", "ratio_sum", "entropy_sum", "kl_sum")
+    sums = torch.zeros(1 + len(names), dtype=torch.float64, device=env.device)  # the loss, then `names`
     started = time.perf_counter()
     for batch in same_count(micro_batches(needed, cfg.train.micro_batch_tokens), env):
         ids, targets, mask, adv = tensors(batch, env.device)
@@ -162,11 +145,9 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
                                    cfg.loss.aggregation, ref_logprobs=ref_logprobs, kl_coef=cfg.loss.kl_coef,
                                    entropy=entropy, entropy_coef=cfg.loss.entropy_coef, dual_clip=cfg.loss.dual_clip)
         loss.backward()
-        sums["loss"] += loss.item()
-        for key in ("tokens", "clipped_tokens", "ratio_sum", "entropy_sum", "kl_sum"):
-            sums[key] += m[key]
+        sums += torch.stack([loss.detach(), *(m[k] for k in names)]).double()
     backward_done = time.perf_counter()
-    loss, seen, clipped, ratio, entropy, kl = all_reduce([sums[k] for k in sums], env)
+    loss, seen, clipped, ratio, entropy, kl = all_reduce(sums.tolist(), env)  # the step's one read of them
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     grad_norm, skipped = apply_gradients(cfg, policy, optimizer, loss)
     scheduler.step()
@@ -213,25 +194,6 @@ def apply_gradients(cfg: Config, policy: Qwen3, optimizer, loss: float) -> tuple
     return grad_norm, skipped
 
 
-def warm_start(cfg: Config, env: Env, policy: Qwen3, tokenizer, problems: list[dict]) -> float:
-    """The supervised warm start (warm_start.*, data.WarmStartExamples) through an AdamW of its own, so
-    that RL starts with fresh optimizer state. Returns the last loss."""
-    w = cfg.warm_start
-    examples = WarmStartExamples(cfg, tokenizer, problems)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=w.lr, weight_decay=0.0)
-    loss, bar = float("nan"), progress_bar(cfg, env, w.steps, "warm start", 0)
-    for step in range(w.steps):
-        rng = random.Random(seed_for(cfg, step, env.rank, Purpose.WARM_START))
-        lr = w.lr * min(1.0, (step + 1) / max(1, w.warmup_steps))
-        loss = supervised_step(cfg, env, policy, optimizer, examples.batch(rng, w.batch_size // env.world), lr)
-        if bar:
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(1)
-    if bar:
-        bar.close()
-    return loss
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run
 
@@ -258,9 +220,9 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model_path = checkpoints.initial_model(cfg, env.rank)
+    model_path = initial_model(cfg, env.rank)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems = training_problems(cfg, tokenizer, verbose=env.main)
+    problems = training_problems(cfg, partial(prompts_fit, tokenizer, cfg), verbose=env.main)
     low = getattr(torch, cfg.model.dtype)
     policy = build_policy(cfg, env, model_path)
     actor = Qwen3.from_pretrained(model_path, dtype=low, device=env.device).eval()
@@ -282,7 +244,7 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
         raise RunStopped(f"the weights loaded from {source} hold NaN or infinite values ({broken}): the "
                          f"checkpoint is unusable; resume from an earlier one with checkpoint.resume_from")
     elif cfg.warm_start.steps:  # checkpointed as step 0, so a resumed run never repeats it
-        warm_start(cfg, env, policy, tokenizer, problems)
+        warm_start(cfg, env, policy, tokenizer, problems, supervised_step)
         refresh_actor(actor, policy)
         save(cfg, env, run, 0)
     return run
@@ -328,27 +290,14 @@ def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[Expert]) ->
 
 
 def step_record(env: Env, step: int, data: StepData, update_metrics: dict) -> dict:
-    """The line metrics.jsonl gets for a step: rollout metrics summed over ranks, the update's
-    metrics, the audit's precisions, and each time the slowest rank's."""
+    """The line metrics.jsonl gets for a step: rollout metrics over all ranks (the audit's among them),
+    the update's metrics, and each time the slowest rank's."""
     record = {"step": step + 1, **data.metrics.reduce(env), **update_metrics}
     names = sorted(data.seconds)
     record.update(zip(names, all_reduce([data.seconds[n] for n in names], env, dist.ReduceOp.MAX)))
     if env.device.type == "cuda":  # this rank's peak; compare with `train.py CONFIG --plan`
         record["memory_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / GIB
-    if "audit_gated" in record:  # the fraction of gated prompts / cut rollouts the audit confirmed
-        for name, hits, total in [("gating_precision", "audit_gated_zero_variance", "audit_gated"),
-                                  ("cutoff_precision", "audit_cut_wrong", "audit_cut")]:
-            record[name] = record[hits] / record[total] if record[total] else float("nan")
     return record
-
-
-def progress_bar(cfg: Config, env: Env, total: int, name: str, initial: int):
-    """A tqdm bar on rank 0 with log.progress_bar, else None."""
-    if not (env.main and cfg.log.progress_bar):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=name, unit="step")
 
 
 def train(cfg: Config):
@@ -371,7 +320,7 @@ def train(cfg: Config):
     val_problems = None
     if cfg.validation.path:
         val_problems = load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
-    bar = progress_bar(cfg, env, cfg.train.total_steps, cfg.algorithm, run.start)
+    bar = progress_bar(cfg.train.total_steps, cfg.algorithm, run.start, enabled=env.main and cfg.log.progress_bar)
     skipped_in_a_row = 0
     try:
         for step in range(run.start, cfg.train.total_steps):

@@ -1,10 +1,10 @@
-"""What a training run shows of itself at the end, from its metrics.jsonl: the first steps against
-the last (`run_summary`, the line train.py prints last) and the training curves (`plot_training`,
-curves.png beside the checkpoints).
+"""What a training run shows of itself: a progress bar while it runs (`progress_bar`), and at the end,
+from its metrics.jsonl, the first steps against the last (`run_summary`, the line train.py prints
+last) and the training curves (`plot_training`, curves.png beside the checkpoints).
 
 A module of its own because it reads a finished log and draws: train.py writes the log
-(checkpoints.MetricsLog) and calls these two at the end, and bench/ or a notebook can call them on
-any run directory. It imports nothing of the project.
+(checkpoints.MetricsLog) and calls these at the end, and bench/ or a notebook can call them on any
+run directory. It imports nothing of the project.
 """
 
 from __future__ import annotations
@@ -13,6 +13,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+
+def progress_bar(total: int, name: str, initial: int, enabled: bool):
+    """A tqdm bar counting steps, or None when not `enabled` (train.py: rank 0 with log.progress_bar)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="step")
 
 
 def run_summary(metrics_file: Path, window: int = 20) -> str:

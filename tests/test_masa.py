@@ -13,7 +13,7 @@ from config import Config, ConfigError, load_config
 from masa import (Episode, LossScale, Prompt, cutoff_budgets, expert_target, gate, group_advantages,
                   hint_predictions, hint_text, meta_prompt, policy_loss, predicted_pass_rates, select_expert,
                   solution_prompt, steer, uninformative_meta_target)
-from rewards import MetaPrediction, parse_meta
+from meta_prediction import MetaPrediction, parse_meta
 
 # ---------------------------------------------------------------------------------------------------
 # The loss
@@ -41,7 +41,14 @@ def test_aggregation_modes_against_hand_computation(aggregation, expected):
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert metrics["tokens"] == 5
     assert metrics["clipped_tokens"] == 2  # ratio 1.5 with A > 0 and ratio 0.7 with A < 0
-    assert metrics["ratio_min"] == pytest.approx(0.5) and metrics["ratio_max"] == pytest.approx(1.5)
+    assert float(metrics["ratio_min"]) == pytest.approx(0.5) and float(metrics["ratio_max"]) == pytest.approx(1.5)
+
+
+def test_a_micro_batch_without_response_tokens_adds_nothing():
+    # the padding row an idle rank runs so that FSDP's collectives match (train.tensors of [])
+    loss, metrics = policy_loss(NEW[:1], OLD[:1], ADV[:1], torch.zeros(1, 3), SCALE)
+    assert loss.item() == 0 and all(float(metrics[k]) == 0 for k in ("tokens", "clipped_tokens", "ratio_sum"))
+    assert float(metrics["ratio_min"]) == float(metrics["ratio_max"]) == 1.0
 
 
 def test_dual_clip_caps_only_the_tokens_of_negative_advantage_at_c_times_their_advantage():
@@ -94,7 +101,7 @@ def test_k3_kl_and_entropy_bonus_terms():
                                 entropy=entropy, entropy_coef=0.1)
     k3 = [0.5 - torch.log(torch.tensor(0.5)).item() - 1, 0.0]  # exp(r - l) - (r - l) - 1
     assert loss.item() == pytest.approx((0.5 * sum(k3) - 0.1 * 4.0) / 2, rel=1e-6)
-    assert metrics["kl_sum"] == pytest.approx(sum(k3), rel=1e-6) and metrics["entropy_sum"] == 4.0
+    assert float(metrics["kl_sum"]) == pytest.approx(sum(k3), rel=1e-6) and metrics["entropy_sum"] == 4.0
 
 
 def test_unknown_aggregation_is_refused():

@@ -309,8 +309,8 @@ def test_the_audit_reruns_what_gating_and_cutoff_skipped(assets):
     tokenizer = AutoTokenizer.from_pretrained(assets / "model")
     prompts = [Prompt(0, "1+1", "2", gated=True), Prompt(1, "2+2", "4")]
     for p in prompts:
-        p.solution_ids = chat_ids(tokenizer, p.problem)
-    cut = Episode(1, "solution", prompts[1].solution_ids, [40, 41, 42], finish_reason="cutoff")
+        p.solution_ids = [chat_ids(tokenizer, p.problem)]
+    cut = Episode(1, "solution", prompts[1].solution_ids[0], [40, 41, 42], finish_reason="cutoff")
     with GraderPool(workers=1) as pool:
         out = masa_step.audit(cfg, tokenizer, prompts, [cut], partial(generate, actor), partial(grade_batch, pool=pool),
                               (0, 1))
@@ -329,7 +329,7 @@ def test_metrics_after_the_resumed_step_and_a_torn_line_are_dropped(tmp_path):
 
 
 def test_a_hint_that_would_overflow_the_prompt_is_dropped(assets):
-    from data import prompts_fit, solution_prompt_ids
+    from masa_step import prompts_fit, solution_prompt_ids
     from config import load_config
     from transformers import AutoTokenizer
 
@@ -444,7 +444,8 @@ def test_a_checkpoint_restores_every_global_random_generator(assets, tmp_path, o
     assert step == 1 and draws() == after_save
 
 
-def test_the_update_matches_an_independent_ppo_computation(assets, one_process_group):
+@pytest.mark.parametrize("micro_batch_tokens", [4096, 12])  # each mini-batch in one forward, or one per row
+def test_the_update_matches_an_independent_ppo_computation(assets, one_process_group, micro_batch_tokens):
     # Two mini-batches (the second off-policy), clip range [1 - 0.1, 1 + 0.3], per-sequence token means,
     # sampling temperature 0.7, responses of unequal lengths: the update's loss, clip fraction, ratio and
     # entropy against the same PPO step computed here on a plain copy of the model with autograd and SGD.
@@ -455,7 +456,8 @@ def test_the_update_matches_an_independent_ppo_computation(assets, one_process_g
     T, lr, low, high = 0.7, 0.5, 0.1, 0.3
     cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "train.mini_batches=2", "loss.entropy_coef=0",
                                f"loss.clip_low={low}", f"loss.clip_high={high}", f"rollout.temperature={T}",
-                               "loss.aggregation=seq-mean-token-mean", "optim.grad_clip=1e9"])
+                               "loss.aggregation=seq-mean-token-mean", "optim.grad_clip=1e9",
+                               f"train.micro_batch_tokens={micro_batch_tokens}"])
     g = torch.Generator().manual_seed(0)
     episodes = [Episode(i, "solution", torch.randint(3, 60, (3 + i % 2,), generator=g).tolist(),
                         torch.randint(3, 60, (2 + 3 * i,), generator=g).tolist(), advantage=a)
