@@ -276,6 +276,8 @@ class _Engine:
         self.admissions = 0
         self.steps = 0
         self.counters = EngineStats()
+        self.kv_read, self.kv_live = torch.zeros((), dtype=torch.long, device=device), torch.zeros(
+            (), dtype=torch.long, device=device)  # EngineStats' position counts, kept on the device
         self.bar = _progress_bar(len(self.work), progress)
         # per-lane state on the device; `pos` is where the next input token goes
         zeros = lambda dtype=torch.long: torch.zeros(S, dtype=dtype, device=device)  # noqa: E731
@@ -305,6 +307,7 @@ class _Engine:
                 self.schedule()
                 self.compact()
         self.bar.close()
+        self.counters.kv_positions_read, self.counters.kv_positions_live = int(self.kv_read), int(self.kv_live)
         return self.results
 
     def decode_step(self):
@@ -332,21 +335,28 @@ class _Engine:
         new_token, new_logprob = sample(logits, self.params, self.seed, self.stream[:R], self.sample_id[:R],
                                         self.count[:R])
         active, count, budget = self.active[:R], self.count[:R], self.budget[:R]
+        running = active.clone()  # lanes whose input this step was a real token of a running sequence
+        lengths = self.pos[:R] + 1  # what attention read this step (a lane without a sequence: 1 position)
+        self.kv_read += lengths.sum()
+        self.kv_live += (lengths * running).sum()
         rows = torch.arange(R, device=self.device)
         column = count.clamp(max=self.max_new - 1)
         self.out_tokens[rows, column] = torch.where(active, new_token, self.out_tokens[rows, column])
         self.out_logprobs[rows, column] = torch.where(active, new_logprob, self.out_logprobs[rows, column])
         count += active
-        stopped = torch.isin(new_token, self.stop_ids) & active
+        # a comparison with every stop id, not torch.isin: from about 10 ids isin sorts, which syncs
+        # with the host on CUDA and so cannot be captured in a graph
+        stopped = (new_token[:, None] == self.stop_ids).any(-1) & active
         exhausted = (count >= budget) & active & ~stopped
         self.finish[:R].masked_fill_(stopped, FinishReason.STOP.code)
         self.finish[:R].masked_fill_(exhausted & (budget >= self.max_new), FinishReason.LENGTH.code)
         self.finish[:R].masked_fill_(exhausted & (budget < self.max_new), FinishReason.CUTOFF.code)
         active &= ~(stopped | exhausted)
         self.token[:R] = new_token
-        # A finished lane keeps decoding until the next sync, writing past its end: into its own
-        # blocks, or the trash block where its table has none (pos stays inside the table).
-        self.pos[:R] = (self.pos[:R] + 1).clamp(max=self.max_blocks * BLOCK_SIZE - 1)
+        # Only running lanes move on. A sequence that has finished keeps decoding until the next sync
+        # at the position after its last token (its own block, or the trash block where its table has
+        # none), and a lane without a sequence at position 0 of the trash block: neither reads more.
+        self.pos[:R] += running
 
     # -- the host's work at a sync -------------------------------------------------------------------
 
@@ -404,9 +414,10 @@ class _Engine:
                 if running:
                     break
                 # Nothing runs, yet the next sample does not fit: prefixes waiting for their other
-                # samples hold the pool. Let them go (they are prefilled again when needed).
+                # samples hold the pool. Let them go (they are prefilled again when needed), its own
+                # prompt's too when the sample is a preempted one, which is recomputed without it.
                 for q, blocks in self.prefixes.items():
-                    if blocks is not None and q != p:
+                    if blocks is not None and (q != p or resumed is not None):
                         self.blocks.release(blocks)
                         self.prefixes[q] = None
                 assert self.admission_need(p, resumed) <= self.blocks.available()  # __init__ checked one fits
@@ -550,8 +561,8 @@ class EngineStats:
     rows_decoded: int = 0  # summed over steps: lanes each step computed (occupied or not)
     live_sequences: int = 0  # summed over steps: sequences decoded together
     peak_live_sequences: int = 0
-    kv_positions_read: int = 0  # summed over steps and lanes: positions the attention reads
-    kv_positions_live: int = 0  # summed over steps: the live sequences' own positions
+    kv_positions_read: int = 0  # summed over steps and lanes: positions the attention read (counted on the device)
+    kv_positions_live: int = 0  # the same, over the lanes of running sequences only
     generated_tokens: int = 0
     preemptions: int = 0
     queued_steps: int = 0  # steps while samples waited for the pool (not yet admitted, or preempted)
@@ -564,8 +575,6 @@ class EngineStats:
         self.rows_decoded += rows
         self.live_sequences += len(live_lengths)
         self.peak_live_sequences = max(self.peak_live_sequences, len(live_lengths))
-        self.kv_positions_read += sum(n + 1 for n in live_lengths) + (rows - len(live_lengths))  # free lanes: 1
-        self.kv_positions_live += sum(n + 1 for n in live_lengths)
 
 
 class _NoBar:

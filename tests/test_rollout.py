@@ -343,3 +343,92 @@ def test_a_pool_too_small_for_one_sequence_is_refused_with_the_memory_it_needs(p
     # block alongside the sample's copy of it
     with pytest.raises(ValueError, match=r"the KV pool holds 2 blocks of 16 positions .* 49 positions\) needs 5"):
         generate(model, [[1] * 20], SamplingParams(max_new_tokens=30), kv_tokens=32)
+
+
+def test_every_pool_the_engine_accepts_runs_to_completion(float64_model):
+    # A 40-token prompt, 4 samples of up to 200 tokens, 2 lanes: 239 positions, 16 blocks for one
+    # sequence with its prompt's partial block alongside. A preempted sample is recomputed in blocks of
+    # its own while the prompt's prefix is still held for the samples not yet admitted: with 16 or 17
+    # blocks that once left no room to readmit it (an assertion in schedule).
+    prompt = [(7 * i) % 60 + 3 for i in range(40)]
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=200)
+    reference = generate(float64_model, [prompt], params, seed=5, slots=2)
+    for blocks in range(16, 21):
+        for kwargs in (dict(sync_every=1), dict(sync_every=16, graphs=True)):
+            stats = {}
+            out = generate(float64_model, [prompt], params, seed=5, slots=2, kv_tokens=blocks * 16, stats=stats,
+                           **kwargs)
+            assert [r.token_ids for r in out[0]] == [r.token_ids for r in reference[0]], (blocks, kwargs)
+            if blocks == 16:
+                assert stats["preemptions"] > 0
+
+
+def test_padding_lanes_read_one_position_and_the_counter_counts_what_attention_reads(float64_model, monkeypatch):
+    # On the graph path a step runs a whole batch-size bucket: the lanes past the occupied ones hold no
+    # sequence and must not attend to more than their one trash position, however long the run.
+    import masa_kernels
+
+    model = float64_model
+    lengths = []
+
+    def recording(q, k_pool, v_pool, table, seq_lens, max_len, *args, **kwargs):
+        lengths.append(seq_lens.tolist())
+        return real(q, k_pool, v_pool, table, seq_lens, max_len, *args, **kwargs)
+
+    real = masa_kernels.paged_decode_attention
+    monkeypatch.setattr(masa_kernels, "paged_decode_attention", recording)
+    prompts = [[5, 17, 3], [9, 1, 44, 60, 2, 8, 31], [4, 4, 50, 12]]  # no 2-token prompt: its 1-token prefill
+    for kwargs in (dict(slots=6, graphs=True, sync_every=1), dict(slots=5, graphs=True, sync_every=4),
+                   dict(slots=5, graphs=True, sync_every=16), {}):
+        lengths.clear()
+        stats = {}
+        out = generate(model, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=40, stop_token_ids=(3, 7)),
+                       seed=1, stats=stats, **kwargs)
+        layers = model.config.num_hidden_layers
+        per_step = lengths[::layers]  # every layer reads the same positions
+        assert stats["kv_positions_read"] == sum(map(sum, per_step)), kwargs
+        longest = max(len(p) + 40 for p in prompts)
+        assert max(map(max, per_step)) <= longest, kwargs
+        occupied = [sum(n > 1 for n in step) for step in per_step]
+        assert sum(occupied) <= stats["live_sequences"], kwargs
+        assert len({len(r.token_ids) for rs in out for r in rs}) > 1  # sequences end at different steps
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_decode_step_never_syncs_with_the_host_even_with_16_stop_ids(pair, temperature):
+    # A CUDA graph cannot capture a host sync. torch.isin takes a sorting path from about 10 test
+    # elements, which syncs on CUDA: the step must not use it (nor any op that reads a device value back).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import rollout
+
+    syncing = {"isin", "nonzero", "_local_scalar_dense", "masked_select", "_unique2", "unique_dim",
+               "unique_consecutive", "item"}
+    seen = set()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    _, model = pair
+    stop = tuple(range(40, 56))  # 16 stop ids
+    params = SamplingParams(n=2, temperature=temperature, max_new_tokens=30, stop_token_ids=stop)
+    real_step = rollout._Engine.step
+
+    def watched(self, R, kv_len):
+        with Ops():
+            return real_step(self, R, kv_len)
+
+    rollout._Engine.step = watched
+    try:
+        out = generate(model, PROMPTS, params, seed=4, slots=3, graphs=True, sync_every=16)
+    finally:
+        rollout._Engine.step = real_step
+    assert seen and not seen & syncing, sorted(seen & syncing)
+    reference = generate(model, PROMPTS, params, seed=4, slots=64)  # eager, one lane per sequence
+    assert [[r.token_ids for r in rs] for rs in out] == [[r.token_ids for r in rs] for rs in reference]
+    for rs in out:
+        for r in rs:  # each stops at its first stop id, or runs to the end
+            first = next((i for i, t in enumerate(r.token_ids) if t in stop), None)
+            assert (r.finish_reason, len(r.token_ids)) == (("stop", first + 1) if first is not None else ("length", 30))
