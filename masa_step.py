@@ -25,9 +25,10 @@ whole step in one file. The sampler and the grader are parameters: train.py pass
 on the actor and rewards.grade_batch on its worker pool, tests/test_step.py scripted stand-ins, so the
 step runs without a model. The update (micro-batches, the loss, the optimizer) is train.py's.
 
-Seeds: every draw has its own (run seed, step, index, purpose) seed (seed_for); the rollouts' tokens
-then depend only on each sequence's stream, derived from its global prompt index, so a resumed run
-or another number of ranks samples the same training rollouts.
+Seeds: every draw has its own (run seed, step, index, purpose) seed (seed_for); the rollouts' noise
+then depends only on each sequence's stream, derived from its global prompt index, so a resumed run
+samples the same training rollouts, and in float32 so does another number of ranks (in bf16 the
+logits themselves round with the batch: rollout.py's docstring).
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ def step_metrics(cfg: Config, prompts: list[Prompt], solutions: list[Episode], m
 def validate(cfg: Config, env: Env, tokenizer, problems: list[dict], sampler: Sampler, grader: Grader) -> float:
     """Accuracy of the solution path on held-out problems: `validation.samples` responses per problem at
     validation.temperature (0: greedy) and top_p. Ranks split the problems; each problem samples its
-    own stream (its index), so the number of ranks changes no token."""
+    own stream (its index), so the number of ranks changes no draw (rollout.py: and in float32 no token)."""
     mine, n = problems[env.rank::env.world], cfg.validation.samples
     params = SamplingParams(n=n, temperature=cfg.validation.temperature, top_p=cfg.validation.top_p,
                             max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))

@@ -28,10 +28,12 @@ EngineStats counts what the engine did in hardware-independent units (bench/samp
 
 Sampling noise is per sequence: the token at position t of sample j of a prompt with stream s is
 drawn by inverse CDF from one uniform that is a pure function of (seed, s, j, t) (Philox;
-masa_kernels.sample_tokens). So tokens do not depend on the lanes, the pool size, preemption, batch
-composition or, for train.py's training rollouts (streams from global prompt indices: 2i on the meta
-path, 2i + 1 on the solution path), the number of ranks. Greedy output
-(temperature 0) depends on nothing but the model.
+masa_kernels.sample_tokens). So the noise does not depend on the lanes, the pool size, preemption,
+batch composition or, for train.py's training rollouts (streams from global prompt indices: 2i on
+the meta path, 2i + 1 on the solution path), the number of ranks; nor do the tokens, as long as the
+logits do not. In float32 and float64 they do not (tests/test_rollout.py); in bfloat16 a preempted
+sequence's recomputed keys round differently from the decoded ones, and on a GPU the attention
+kernel's split count follows the batch: bench/sampler_invariance.py measures what changes (README).
 
 Log-probs are those of the distribution each token was drawn from: log softmax(logits / T) with
 top-k / top-p applied and renormalized (with the defaults, top_k=-1 and top_p=1, simply

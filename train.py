@@ -18,8 +18,9 @@ Each step of the run loop (`train`):
 A run from a random model (the CPU demo) starts with warm_start.py's supervised warm start.
 Training rollouts are seeded by (seed, step, purpose) and each sequence's noise by a stream derived
 from its global prompt index (masa_step.py), so a resumed run repeats exactly what the uninterrupted
-run would have done, on any number of ranks (the audit's and validation's draws are per rank);
-checkpoints are written atomically (checkpoints.py).
+run would have done; in float32 also on any number of ranks (the audit's and validation's draws are
+per rank; bf16 logits round with the batch: rollout.py). Checkpoints are written atomically
+(checkpoints.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """rollout.py: greedy output against transformers, log-probs against a teacher-forced forward,
 sampling frequencies against the model's probabilities, and the exact stopping rules."""
 
+import copy
 import math
 from dataclasses import replace
 
@@ -264,7 +265,11 @@ def float64_model():
     return Qwen3(replace(PRESETS["tiny"], vocab_size=64), dtype=torch.float64).eval()
 
 
-def test_sampled_tokens_do_not_depend_on_lanes_pool_size_or_preemption(float64_model):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sampled_tokens_do_not_depend_on_lanes_pool_size_or_preemption(float64_model, dtype):
+    # float32 too (on this CPU); bfloat16 logits do move with the batch: bench/sampler_invariance.py
+    # measures by how much, and the README says what holds there
+    model = copy.deepcopy(float64_model).to(dtype)  # .to moves a module in place
     prompts = [[1, 2, 3] * 7, [5, 9], list(range(10, 27)), [7]]  # 21 tokens (a shared full block), 2, 17, 1
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=40, stop_token_ids=(0, 1, 2))  # lengths vary
     runs = {}
@@ -275,13 +280,13 @@ def test_sampled_tokens_do_not_depend_on_lanes_pool_size_or_preemption(float64_m
                          "graph shapes, small pool": dict(slots=12, kv_tokens=7 * 16, graphs=True, sync_every=4),
                          }.items():
         stats = {}
-        out = generate(float64_model, prompts, params, seed=11, stats=stats, **kwargs)
+        out = generate(model, prompts, params, seed=11, stats=stats, **kwargs)
         runs[name] = ([[r.token_ids for r in rs] for rs in out], [[r.logprobs for r in rs] for rs in out], stats)
     reference = runs["64 lanes"]
     for name, (tokens, logprobs, _) in runs.items():
         assert tokens == reference[0], name
         assert max(abs(a - b) for x, y in zip(logprobs, reference[1]) for u, v in zip(x, y)
-                   for a, b in zip(u, v)) <= 1e-6, name
+                   for a, b in zip(u, v)) <= (1e-6 if dtype == torch.float64 else 1e-4), name
     assert runs["small pool"][2]["preemptions"] > 0  # the pool really ran out
     assert runs["graph shapes, small pool"][2]["preemptions"] > 0
     assert len({len(t) for ts in reference[0] for t in ts}) > 3  # sequences finish at different steps...
