@@ -437,3 +437,24 @@ def test_the_decode_step_never_syncs_with_the_host_even_with_16_stop_ids(pair, t
         for r in rs:  # each stops at its first stop id, or runs to the end
             first = next((i for i, t in enumerate(r.token_ids) if t in stop), None)
             assert (r.finish_reason, len(r.token_ids)) == (("stop", first + 1) if first is not None else ("length", 30))
+
+
+def test_the_pool_and_the_lanes_keep_their_invariants_through_a_run_with_preemptions(float64_model, monkeypatch):
+    import rollout
+
+    real = rollout._Engine.schedule
+    checks = []
+
+    def checked(self):
+        real(self)
+        running = self.lanes.running()
+        self.scheduler.pool.check(self.scheduler.holders(running))
+        self.lanes.check()
+        checks.append(len(running))
+
+    monkeypatch.setattr(rollout._Engine, "schedule", checked)
+    prompts = [[1, 2, 3] * 7, [5, 9], list(range(10, 27)), [7]]
+    stats = {}
+    generate(float64_model, prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=40, stop_token_ids=(0, 1, 2)),
+             seed=11, slots=12, kv_tokens=7 * 16, graphs=True, sync_every=4, stats=stats)
+    assert stats["preemptions"] > 0 and len(checks) > 10
