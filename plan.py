@@ -23,7 +23,7 @@ import torch
 from config import Config
 from hf_checkpoint import read_config
 from model import PRESETS, Qwen3Config
-from rollout import BLOCK_SIZE, kv_bytes_per_position, kv_tokens_that_fit
+from rollout import BLOCK_SIZE, decode_graph_bytes, kv_bytes_per_position, kv_tokens_that_fit
 
 GIB = 1024 ** 3
 
@@ -94,14 +94,15 @@ def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float, mean_response: fl
     free = out["gpu_memory"] - resident
     out["sequences_per_gpu"] = cfg.train.batch_size * (
         cfg.rollout.group_size + (cfg.rollout.meta_group_size if cfg.algorithm != "grpo" else 0)) // gpus
-    out["kv_tokens"] = cfg.rollout.kv_tokens or kv_tokens_that_fit(c, dtype, free)  # what rollout.generate takes
+    lanes = cfg.rollout.slots or 256
+    out["decode_graphs"] = decode_graph_bytes(c, lanes, dtype) if cfg.rollout.cuda_graphs else 0
+    out["kv_tokens"] = cfg.rollout.kv_tokens or kv_tokens_that_fit(c, dtype, free - out["decode_graphs"])  # as generate
     out["kv_pool"] = out["kv_tokens"] * out["kv_bytes_per_position"]
     # A sequence holds its prompt and the response so far, so on average over its life about half its
     # final response: that is what the pool divides into.
     response = mean_response or RESPONSE_SHARE * cfg.rollout.max_response_tokens
     out["mean_response"] = response
     out["mean_held"] = MEAN_PROMPT + response / 2
-    lanes = cfg.rollout.slots or 256
     out["expected_concurrency"] = min(out["kv_tokens"] / out["mean_held"], lanes, out["sequences_per_gpu"])
     out["one_sequence_fits"] = out["kv_tokens"] >= max_len + 2 * BLOCK_SIZE  # rollout.generate refuses less
     tokens = max(cfg.train.micro_batch_tokens, max_len)  # a longer sequence gets a micro-batch of its own
@@ -110,7 +111,7 @@ def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float, mean_response: fl
     out["activations_checkpointed"] = tokens * (layers * s * h + per_block + head)  # block inputs + one block
     out["activations_full"] = tokens * (layers * per_block + head)
     out["activations"] = out["activations_checkpointed" if cfg.model.activation_checkpointing else "activations_full"]
-    out["peak_rollout"] = resident + out["kv_pool"]
+    out["peak_rollout"] = resident + out["kv_pool"] + out["decode_graphs"]
     out["peak_update"] = resident + out["gradients"] + out["gathered"] + out["activations"]
     out["fits"] = max(out["peak_rollout"], out["peak_update"]) <= 0.9 * out["gpu_memory"] - GIB and out["one_sequence_fits"]
     return out
@@ -127,6 +128,7 @@ def print_plan(cfg: Config, plan: dict):
         ("gathered params + unsharded grads in flight (root + 2 blocks)", plan["gathered"]),
         (f"paged KV pool: {plan['kv_tokens']:,} positions of {plan['kv_bytes_per_position'] // 1024} KiB",
          plan["kv_pool"]),
+        ("the decode step's CUDA graphs (an estimate: rollout.decode_graph_bytes)", plan["decode_graphs"]),
         (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing on", plan["activations_checkpointed"]),
         (f"activations, {plan['micro_batch_tokens']}-token micro-batch, checkpointing off", plan["activations_full"]),
     ]
@@ -134,7 +136,7 @@ def print_plan(cfg: Config, plan: dict):
           f"{plan['gpu_memory'] / GIB:.0f} GiB")
     for name, value in rows:
         print(f"  {name:<78} {g(value)}")
-    print(f"  {'peak while sampling (shards + rollout copy + KV pool)':<78} {g(plan['peak_rollout'])}")
+    print(f"  {'peak while sampling (shards + rollout copy + KV pool + graphs)':<78} {g(plan['peak_rollout'])}")
     print(f"  {f'peak while updating (activation checkpointing {ckpt})':<78} {g(plan['peak_update'])}")
     print(f"  {plan['sequences_per_gpu']} sequences per GPU per step; about {plan['expected_concurrency']:.0f} decoded "
           f"together if prompts average {MEAN_PROMPT} tokens and responses {plan['mean_response']:,.0f} (each holds "

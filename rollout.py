@@ -177,9 +177,23 @@ def kv_bytes_per_position(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * (torch.finfo(dtype).bits // 8)
 
 
+def decode_graph_bytes(config, lanes: int, dtype: torch.dtype) -> int:
+    """What the decode step's CUDA graphs are expected to hold, kept free when the KV pool is sized
+    (they are captured lazily, after the pool has taken its share). The graphs share one memory pool,
+    whose size the largest batch (all lanes) sets: per lane, the logits in `dtype` and in float32 and
+    one layer's activations (hidden states, q, k, v and the MLP's three), doubled for what this leaves
+    out (the attention kernel's split partials, allocator rounding). An estimate from shapes;
+    bench/gpu_check.sh measures the real size on a GPU."""
+    s = torch.finfo(dtype).bits // 8
+    heads = config.num_attention_heads + 2 * config.num_key_value_heads
+    per_lane = config.vocab_size * (s + 4) + s * (
+        4 * config.hidden_size + heads * config.head_dim + 3 * config.intermediate_size)
+    return 2 * lanes * per_lane
+
+
 def kv_tokens_that_fit(config, dtype: torch.dtype, free_bytes: float) -> int:
     """The default pool: KV_MEMORY_FRACTION of `free_bytes`, in positions (whole blocks; plan.py uses
-    the same rule)."""
+    the same rule, with the same decode_graph_bytes taken off `free_bytes` first)."""
     blocks = max(0, int(KV_MEMORY_FRACTION * free_bytes) // (BLOCK_SIZE * kv_bytes_per_position(config, dtype)))
     return blocks * BLOCK_SIZE
 
@@ -494,6 +508,9 @@ class _Engine:
         S = min(sum(counts), lanes or 256)
         longest = max(len(prompts[p]) - 1 + self.budgets[p] for p in used)  # positions of one sequence
         self.max_blocks = blocks_for(longest) + 1  # with its prompt's partly filled block alongside
+        on_gpu = device.type == "cuda"
+        self.graphs = (_DecodeGraphs(self.step, S, self.max_blocks * BLOCK_SIZE, capture=on_gpu)
+                       if (on_gpu if graphs is None else graphs) else None)
         blocks = self.pool_blocks(kv_tokens, S, longest, sum(len(prompts[p]) for p in used))
         self.pool = PagedKVCache(model.config, blocks, BLOCK_SIZE, model.embed_tokens.weight.dtype, device)
         self.scheduler = Scheduler(prompts, counts, self.budgets, self.sync_every, blocks)
@@ -505,22 +522,25 @@ class _Engine:
         self.kv_read, self.kv_live = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
         self.bar = _progress_bar(sum(counts), progress)
         self.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-        on_gpu = device.type == "cuda"
-        self.graphs = (_DecodeGraphs(self.step, S, self.max_blocks * BLOCK_SIZE, capture=on_gpu)
-                       if (on_gpu if graphs is None else graphs) else None)
 
     def pool_blocks(self, kv_tokens: int | None, lanes: int, longest: int, prompt_tokens: int) -> int:
         """The pool's blocks, the trash block included: kv_tokens positions, else KV_MEMORY_FRACTION of
         the free GPU memory, or on a CPU enough for every lane at the full budget. A pool too small for
         one sequence at its full budget is refused with the memory it needs."""
         config, dtype = self.model.config, self.model.embed_tokens.weight.dtype
-        if kv_tokens is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-                kv_tokens = kv_tokens_that_fit(config, dtype, free)
-            else:
-                kv_tokens = lanes * self.max_blocks * BLOCK_SIZE + prompt_tokens
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            graphs = decode_graph_bytes(config, lanes, dtype) if self.graphs is not None else 0
+            if kv_tokens is None:
+                kv_tokens = kv_tokens_that_fit(config, dtype, free - graphs)
+            elif kv_tokens * kv_bytes_per_position(config, dtype) + graphs > free:
+                raise ValueError(f"a KV pool of {kv_tokens:,} positions ({kv_tokens * kv_bytes_per_position(config, dtype) / 2 ** 30:,.2f} "
+                                 f"GiB) and the decode graphs (about {graphs / 2 ** 30:,.2f} GiB) do not fit in the "
+                                 f"{free / 2 ** 30:,.2f} GiB free: lower kv_tokens (rollout.kv_tokens), or leave it "
+                                 f"unset to take {KV_MEMORY_FRACTION:.0%} of the free memory")
+        elif kv_tokens is None:
+            kv_tokens = lanes * self.max_blocks * BLOCK_SIZE + prompt_tokens
         blocks, need = kv_tokens // BLOCK_SIZE + 1, self.max_blocks
         if blocks - 1 < need:
             per_block = BLOCK_SIZE * kv_bytes_per_position(config, dtype)
@@ -658,7 +678,9 @@ class _DecodeGraphs:
     which at small batches cost more than the kernels themselves. Attention is given kv_len = the block
     table's width, so a size's shapes never change; the kernel still reads only live positions
     (masa_kernels/paged_attention.py masks by seq_lens, not kv_len). The graphs hold the engine's tensors'
-    addresses, so they live and die with one generate call; all sizes share one memory pool.
+    addresses, so they live and die with one generate call; all sizes share one memory pool, which
+    decode_graph_bytes estimates and the KV pool's sizing leaves free. A replay runs its kernels
+    without their Python calls, so masa_kernels.usage counts replays ("decode step", "cuda graph").
     capture=False (a CPU, in tests) runs the same fixed shapes eagerly: the graph path, less the capture."""
 
     def __init__(self, step, lanes: int, kv_len: int, capture: bool):
@@ -672,6 +694,7 @@ class _DecodeGraphs:
         size = next(size for size in self.sizes if size >= R)
         if size in self.graphs:
             self.graphs[size].replay()
+            masa_kernels.usage["decode step", "cuda graph"] += 1  # its kernels run unseen by _pick's count
             return size
         self.step(size, self.kv_len)
         if self.capture:

@@ -20,7 +20,8 @@ In order:
    train.py gets the kernel environment of a GPU run (MASA_KERNELS=triton, no TRITON_INTERPRET)
    also on a CPU, where every tensor then takes the twins; on a GPU every kernel must run on Triton.
 5. the CUDA-only branches that no row above reaches: checkpoint RNG state with the CUDA generators,
-   the device-side check of log-prob targets (in a process of its own), eval.py end to end.
+   the device-side check of log-prob targets (in a process of its own), eval.py end to end, and the
+   memory the decode step's CUDA graphs take against the estimate the KV pool leaves free for them.
 
 Every branch of the code that runs only on CUDA, and the row that runs it ("CPU:" says what of it a
 CPU test runs):
@@ -33,8 +34,8 @@ CPU test runs):
 | split count from the multiprocessor count | masa_kernels/paged_attention.py | 2 (paged decode attention) | split_count unit test |
 | bf16 parameters, FSDP2 MixedPrecisionPolicy | parallel.build_policy | 4 | tests/test_train.py (bf16 policy on fp32 masters) |
 | NCCL process group, 2-hour timeout, cuda:LOCAL_RANK | parallel.setup_distributed | 4 (one rank) | gloo, 1 and 2 processes |
-| KV pool sized from `torch.cuda.mem_get_info` | rollout.py `_Engine` | 3 (sampler), 4 | kv_tokens_that_fit in tests/test_plan.py |
-| CUDA-graph decode, sync every 16 steps | rollout.py `_DecodeGraphs` | 3 ("CUDA graphs vs eager"), 4, 5 (eval.py) | the graphs' fixed shapes run eagerly (tests/test_rollout.py) |
+| KV pool sized from `torch.cuda.mem_get_info`, less the graphs' estimate | rollout.py `_Engine.pool_blocks` | 3 (sampler), 4, 5 (graphs' memory) | kv_tokens_that_fit and decode_graph_bytes in tests/test_plan.py |
+| CUDA-graph decode, sync every 16 steps | rollout.py `_DecodeGraphs` | 3 ("CUDA graphs vs eager"), 4, 5 (eval.py, graphs' memory) | the graphs' fixed shapes run eagerly; replay counting (tests/test_rollout.py) |
 | peak memory in metrics.jsonl | train.py | 4 (peak vs plan) | none (CUDA allocator only) |
 | CUDA RNG state in checkpoints | checkpoints.rng_state | 5 | the CPU generators |
 | eval.py: NCCL, cuda device, bf16 weights | eval.py main | 5 | float32, one process and two (tests/test_eval.py) |
@@ -220,7 +221,37 @@ def cuda_paths(torch, gpu: bool) -> list[tuple]:
               f"in {time.perf_counter() - started:.0f} s" + ("" if ok else "\n" + result.stderr[-2000:]))
     rows.append(("eval.py end to end" + (" (bf16, CUDA graphs)" if gpu else ""), "ok" if ok else "failed", "ok",
                  ok))
+    rows.append(decode_graph_memory(torch, gpu))
     return rows
+
+
+def decode_graph_memory(torch, gpu: bool) -> tuple:
+    """The memory the decode step's CUDA graphs take (the peak of a graphed generate call less that of
+    the same call eager, same pool), against rollout.decode_graph_bytes, the estimate the KV pool's
+    sizing keeps free: the estimate must not be below it. Qwen3-0.6B's shape (its 151,936-token
+    vocabulary) with random bf16 weights, 64 lanes. A CPU captures no graphs: reported as such."""
+    from model import PRESETS, Qwen3
+    from rollout import SamplingParams, decode_graph_bytes, generate
+
+    name = "decode graphs' memory vs rollout.decode_graph_bytes"
+    if not gpu:
+        print("decode graphs' memory: not measured (a CPU captures no CUDA graphs)")
+        return (name, "no graphs on a CPU", "<= 1x", None)
+    torch.manual_seed(0)
+    model = Qwen3(PRESETS["0.6B"], dtype=torch.bfloat16, device="cuda").eval()
+    prompts = torch.randint(0, 151936, (8, 64)).tolist()
+    params = SamplingParams(n=8, temperature=1.0, max_new_tokens=64)
+    peaks = {}
+    for graphs in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        generate(model, prompts, params, seed=0, slots=64, kv_tokens=64 * 160, graphs=graphs)
+        torch.cuda.synchronize()
+        peaks[graphs] = torch.cuda.max_memory_allocated() - base
+    measured, estimate = peaks[True] - peaks[False], decode_graph_bytes(model.config, 64, torch.bfloat16)
+    print(f"decode graphs' memory: {measured / 2 ** 20:,.0f} MiB measured, {estimate / 2 ** 20:,.0f} MiB estimated")
+    return (name, f"{measured / 2 ** 20:,.0f} / {estimate / 2 ** 20:,.0f} MiB", "<= 1x", measured <= estimate)
 
 
 def paged_attention_check(torch, device, dtype, bandwidth: float, gpu: bool) -> list[tuple]:

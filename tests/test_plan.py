@@ -26,15 +26,18 @@ def test_8b_plan_matches_hand_computation():
     assert plan["gradients"] == 4_095_367_680
     assert plan["rollout_copies"] == 16_381_470_720  # 2 bytes x P, the full bf16 copy
     assert plan["kv_bytes_per_position"] == 2 * 36 * 8 * 128 * 2 == 147_456  # 144 KiB
-    # 60% of what the shards and the rollout copy leave of 80 GiB, in whole 16-position blocks:
-    # 0.6 x 57,231,772,160 / (16 x 147,456) = 14,554.8 blocks
-    assert plan["kv_tokens"] == 14_554 * 16 == 232_864 and plan["kv_pool"] == 232_864 * 147_456
+    # the decode graphs, kept free: 2 x 256 lanes x (logits 151,936 x (2 + 4) bytes + bf16 activations
+    # 2 x (4 x 4096 + (32 + 2 x 8) x 128 + 3 x 12288)) = 2 x 256 x 1,030,400 bytes
+    assert plan["decode_graphs"] == 2 * 256 * (151_936 * 6 + 2 * (4 * 4096 + 48 * 128 + 3 * 12288)) == 527_564_800
+    # 60% of what the shards, the rollout copy and the graphs leave of 80 GiB, in whole 16-position
+    # blocks: 0.6 x (57,231,772,160 - 527,564,800) / (16 x 147,456) = 14,420.5 blocks
+    assert plan["kv_tokens"] == 14_420 * 16 == 230_720 and plan["kv_pool"] == 230_720 * 147_456
     assert plan["sequences_per_gpu"] == 128 * (16 + 16) // 8 == 512
-    # 256-token prompts, responses of 0.375 x 8192 = 3072 held half on average: 232,864 / 1,792 = 129.9
-    assert plan["expected_concurrency"] == pytest.approx(232_864 / (256 + 3072 / 2))
+    # 256-token prompts, responses of 0.375 x 8192 = 3072 held half on average: 230,720 / 1,792 = 128.8
+    assert plan["expected_concurrency"] == pytest.approx(230_720 / (256 + 3072 / 2))
     assert plan["micro_batch_tokens"] == 16384
     assert plan["peak_rollout"] == pytest.approx((4_095_367_680 + 8_190_735_360 + 16_381_470_720
-                                                  + 232_864 * 147_456))
+                                                  + 230_720 * 147_456 + 527_564_800))
     # with activation checkpointing (the config's setting) the update fits; without it, it does not
     assert plan["activations"] == plan["activations_checkpointed"] < 10 * GIB < 100 * GIB < plan["activations_full"]
     assert plan["fits"]
@@ -78,7 +81,7 @@ def test_activation_estimate_matches_what_autograd_saves(dtype):
 def test_plan_command_prints_the_table(capsys):
     main([str(CONFIGS / "qwen3_8b.yaml"), "--plan"])
     out = capsys.readouterr().out
-    assert "8,190,735,360 parameters, 8 GPUs of 80 GiB" in out and "232,864 positions" in out and "fits: yes" in out
+    assert "8,190,735,360 parameters, 8 GPUs of 80 GiB" in out and "230,720 positions" in out and "fits: yes" in out
     main([str(CONFIGS / "qwen3_8b.yaml"), "--plan", "--gpus", "2", "--gpu-memory", "40"])
     assert "fits: NO" in capsys.readouterr().out
 

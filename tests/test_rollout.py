@@ -458,3 +458,21 @@ def test_the_pool_and_the_lanes_keep_their_invariants_through_a_run_with_preempt
     generate(float64_model, prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=40, stop_token_ids=(0, 1, 2)),
              seed=11, slots=12, kv_tokens=7 * 16, graphs=True, sync_every=4, stats=stats)
     assert stats["preemptions"] > 0 and len(checks) > 10
+
+
+def test_a_graph_replay_is_counted_in_the_kernel_usage(monkeypatch):
+    # A replay launches the step's kernels without running their Python calls, which is where
+    # masa_kernels counts them: the replays are counted instead. (A captured size holds a CUDAGraph;
+    # on a CPU nothing is captured, so one stands in here.)
+    from types import SimpleNamespace
+
+    import masa_kernels
+
+    monkeypatch.setattr(masa_kernels, "usage", type(masa_kernels.usage)())
+    eager = []
+    graphs = _DecodeGraphs(lambda rows, kv_len: eager.append(rows), lanes=8, kv_len=32, capture=False)
+    replayed = []
+    graphs.graphs[4] = SimpleNamespace(replay=lambda: replayed.append(4))
+    assert [graphs.run(3), graphs.run(4), graphs.run(7)] == [4, 4, 8]
+    assert replayed == [4, 4] and eager == [8]
+    assert masa_kernels.usage_report() == "decode step: cuda graph x 2"
