@@ -51,14 +51,15 @@ class Prompt:
 
 @dataclass
 class Episode:
-    """One rollout, from the sampler to the loss. train.py fills the first six fields and `prediction`
-    when it samples (and `correct` when it grades); the stages below fill the rest."""
+    """One rollout, from the sampler to the loss. masa_step.py fills the first seven fields and
+    `prediction` when it samples (and `correct` when it grades); the stages below fill the rest."""
     prompt_index: int  # Prompt.index of its prompt
     path: str  # "solution" | "meta"
     prompt_ids: list[int] = field(repr=False)
     response_ids: list[int] = field(repr=False)
     text: str = ""  # the response, decoded once
     finish_reason: str = "stop"  # "stop" | "length" | "cutoff"
+    sampled_logprobs: list[float] = field(default_factory=list, repr=False)  # the sampler's, one per response token
     correct: bool = False  # solution path: the final boxed answer is right, as written
     prediction: MetaPrediction | None = None  # meta path: the parsed prediction (None: unparseable)
     reward: float = 0.0  # solution: 1 if correct and not cut off, else 0; meta: the meta score
@@ -179,6 +180,27 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "kl_sum": (kl * mask).sum() if kl is not None else zero,
         }
     return loss, metrics
+
+
+def sampler_gap(episodes: list[Episode], logprobs: torch.Tensor, mask: torch.Tensor, total: torch.Tensor):
+    """How far the trainer's log-probs of the sampled tokens are from the sampler's (how on-policy the
+    update is; verl and TRL users read the same): logprobs [B, T] from the trainer's forward over
+    these episodes (position t scores token t + 1), mask [B, T] on response tokens. Over the response
+    tokens of episodes that carry the sampler's log-probs, with d = trainer - sampler, adds sum |d|,
+    sum exp(d) - d - 1 and the token count to total[:3] and keeps max |d| in total[3] (total: [4]
+    float64, on logprobs' device: no host sync). exp(d) - d - 1 estimates the KL between the two
+    distributions (the k3 estimator, the sampler's as the reference). The two agree exactly only with the same weights, precision and kernels: with top-k or
+    top-p the sampler's distribution is also renormalized, a gap by design."""
+    sampled = torch.zeros_like(logprobs, dtype=torch.float32)
+    counted = torch.zeros_like(mask)
+    for i, e in enumerate(episodes):
+        if e.sampled_logprobs and len(e.sampled_logprobs) == len(e.response_ids):
+            start = len(e.prompt_ids) - 1
+            sampled[i, start:start + len(e.response_ids)] = torch.tensor(e.sampled_logprobs)
+            counted[i] = mask[i]
+    d = torch.where(counted > 0, logprobs.detach().float() - sampled, 0.0).double()
+    total[:3] += torch.stack([d.abs().sum(), (torch.exp(d) - d - 1).sum(), counted.sum().double()])
+    total[3] = torch.maximum(total[3], d.abs().max())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from functools import partial
 from typing import Callable, NamedTuple
 
 import numpy as np
+import torch.distributed as dist
 
 import masa
 from config import Config
@@ -100,6 +101,14 @@ class StepData:
     metrics: Tally  # this rank's step metrics (summed over ranks by train.py)
     seconds: dict[str, float] = field(default_factory=dict)  # time_rollout, time_grading, time_audit
     experts: list[Expert] = field(default_factory=list)
+
+    def record(self, env: Env, step: int, update_metrics: dict) -> dict:
+        """The step's line in metrics.jsonl (collective): the rollout metrics over all ranks (the
+        audit's among them), the update's, and each time the slowest rank's."""
+        record = {"step": step + 1, **self.metrics.reduce(env), **update_metrics}
+        names = sorted(self.seconds)
+        record.update(zip(names, all_reduce([self.seconds[n] for n in names], env, dist.ReduceOp.MAX)))
+        return record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,7 +236,7 @@ def sample(cfg: Config, tokenizer, requests: list[Request], seed: int, sampler: 
             prediction = parse_meta(text, cfg.rollout.group_size, cfg.rollout.max_response_tokens) \
                 if request.path == "meta" else None
             episodes.append(Episode(request.prompt.index, request.path, request.ids, rollout.token_ids, text,
-                                    rollout.finish_reason, prediction=prediction))
+                                    rollout.finish_reason, rollout.logprobs, prediction=prediction))
     return episodes
 
 

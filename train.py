@@ -44,7 +44,7 @@ import masa_kernels
 from config import Config, load_config
 from data import load_problems, step_problems, training_problems
 from masa import Episode
-from masa_step import Expert, StepData, collect, prompts_fit, validate
+from masa_step import Expert, collect, prompts_fit, validate
 from model import Qwen3
 from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
 from plan import GIB, check_sizes, memory_plan, print_plan
@@ -95,13 +95,16 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes:
     any number of ranks. `reference` is the frozen initial policy, needed only for a KL term."""
     temperature = cfg.rollout.temperature or 1.0
     sequences = [e for e in episodes if e.in_loss]
+    # masa.sampler_gap over the first forward, before any update: the old pass, or the one optimizer step
+    gap = torch.zeros(4, dtype=torch.float64, device=env.device)
     old = None
     if cfg.train.ppo_epochs > 1 or cfg.train.mini_batches > 1:  # the ratio needs log-probs before any update
         old = {}
         with torch.no_grad():
             for batch in same_count(micro_batches(sequences, cfg.train.micro_batch_tokens), env):
-                ids, targets, _, _ = tensors(batch, env.device)
+                ids, targets, mask, _ = tensors(batch, env.device)
                 logprobs, _ = policy(ids, targets=targets, temperature=temperature)
+                masa.sampler_gap(batch, logprobs, mask, gap)
                 for s, row in zip(batch, logprobs):
                     old[id(s)] = row[:len(s.prompt_ids) + len(s.response_ids)]
     steps = []
@@ -109,7 +112,8 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes:
         parts = [[s for s in sequences if s.prompt_index % cfg.train.mini_batches == i]
                  for i in range(cfg.train.mini_batches)]
         for part in parts:
-            steps.append(_optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature, reference))
+            steps.append(_optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature, reference,
+                                         gap if old is None else None))  # old is None: one step
     # one record per batch: token sums over the optimizer steps, token-weighted means, mean grad norm
     seen = sum(s["trained_tokens"] for s in steps)
     out = {"loss": sum(s["loss"] for s in steps), "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
@@ -118,10 +122,14 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes:
         out[key] = sum(s[key] * s["trained_tokens"] for s in steps) / max(seen, 1)
     for key in ("time_logprobs_backward", "time_optimizer"):
         out[key] = sum(s[key] for s in steps)
+    (distance, kl, tokens), (largest,) = all_reduce(gap[:3].tolist(), env), all_reduce([gap[3].item()], env, dist.ReduceOp.MAX)
+    nan = float("nan")  # no response token was forwarded
+    out.update(logprob_gap_mean=distance / tokens if tokens else nan, logprob_gap_max=largest if tokens else nan,
+               mismatch_kl=kl / tokens if tokens else nan)
     return out
 
 
-def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temperature, reference) -> dict:
+def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temperature, reference, gap) -> dict:
     tokens, count = all_reduce([sum(len(s.response_ids) for s in sequences), len(sequences)], env)
     scale = masa.LossScale(tokens=max(tokens, 1), sequences=max(int(count), 1),
                            max_response_tokens=cfg.rollout.max_response_tokens)
@@ -134,6 +142,8 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     for batch in same_count(micro_batches(needed, cfg.train.micro_batch_tokens), env):
         ids, targets, mask, adv = tensors(batch, env.device)
         logprobs, entropy = policy(ids, targets=targets, temperature=temperature)
+        if gap is not None:
+            masa.sampler_gap(batch, logprobs, mask, gap)
         old_logprobs = logprobs.detach()
         if old is not None and batch:
             old_logprobs = torch.nn.utils.rnn.pad_sequence([old[id(s)] for s in batch], batch_first=True)
@@ -290,17 +300,6 @@ def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[Expert]) ->
     return {"bc_loss": supervised_step(cfg, env, run.policy, run.optimizer, mine, cfg.efficient.bc_lr)}
 
 
-def step_record(env: Env, step: int, data: StepData, update_metrics: dict) -> dict:
-    """The line metrics.jsonl gets for a step: rollout metrics over all ranks (the audit's among them),
-    the update's metrics, and each time the slowest rank's."""
-    record = {"step": step + 1, **data.metrics.reduce(env), **update_metrics}
-    names = sorted(data.seconds)
-    record.update(zip(names, all_reduce([data.seconds[n] for n in names], env, dist.ReduceOp.MAX)))
-    if env.device.type == "cuda":  # this rank's peak; compare with `train.py CONFIG --plan`
-        record["memory_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / GIB
-    return record
-
-
 def train(cfg: Config):
     env = setup_distributed()
     if cfg.train.batch_size % env.world:
@@ -318,9 +317,7 @@ def train(cfg: Config):
     sampler = partial(generate, run.actor, slots=cfg.rollout.slots or None, kv_tokens=cfg.rollout.kv_tokens or None,
                       graphs=None if cfg.rollout.cuda_graphs else False)
     grader = partial(grade_batch, pool=pool)
-    val_problems = None
-    if cfg.validation.path:
-        val_problems = load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
+    val_problems = cfg.validation.path and load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
     bar = progress_bar(cfg.train.total_steps, cfg.algorithm, run.start, enabled=env.main and cfg.log.progress_bar)
     skipped_in_a_row = 0
     try:
@@ -337,7 +334,9 @@ def train(cfg: Config):
             refresh_actor(run.actor, run.policy)
             done = time.perf_counter()
             metrics.update(time_refresh=done - updated, time_step=done - started)  # time_step: the whole step
-            record = step_record(env, step, data, metrics)
+            record = data.record(env, step, metrics)
+            if env.device.type == "cuda":  # this rank's peak; compare with `train.py CONFIG --plan`
+                record["memory_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / GIB
             if changes and step == run.start:
                 record["config_changes"] = changes  # allowed experiment changes, logged once: the first step after the resume
             if val_problems and (step + 1) % cfg.validation.every == 0:
@@ -393,11 +392,9 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Everything is written and the process group is gone, yet the interpreter's teardown aborts now
-        # and then in a multi-process CPU run ("terminate called without an active exception" from a
-        # C++ thread; eval.py saw it in about 1 run in 10): end the process without it, once the run
-        # directory's lock, the one exit handler that matters, is released.
+        # All is written and the group is gone, yet the interpreter's teardown aborts now and then in a
+        # multi-process CPU run ("terminate called without an active exception", about 1 run in 10): end
+        # without it, once the run directory's lock (the one exit handler that matters) is released.
         checkpoints.unlock()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)

@@ -379,11 +379,20 @@ def training_steps(args, torch, gpu: bool) -> list[tuple]:
     print("mean over steps 2..: " + ", ".join(f"{k[5:]} {v:.2f} s" for k, v in split.items()))
     report = next((line for line in result.stdout.splitlines() if line.startswith("kernel calls on rank 0: ")), "")
     calls = dict(item.split(": ") for item in report.removeprefix("kernel calls on rank 0: ").split(", ") if ": " in item)
+    replays = calls.pop("decode step", None)  # CUDA graph replays of the sampler's step, not a kernel
+    if replays:
+        print(f"decode step replays: {replays}")
     on_triton = [name for name, impl in calls.items() if impl.startswith("triton")]
     print(f"kernel implementations in the training run: {', '.join(f'{k} {v}' for k, v in calls.items())}")
     rows = [("training run: kernels that ran on Triton", f"{len(on_triton)} of {len(calls)}", "all" if gpu else "",
              bool(calls) and len(on_triton) == len(calls) if gpu else None)]
     rows.append(("train step time (s)", f"{split['time_step']:.2f}", "", None))
+    # how on-policy the update is: the sampler's log-probs of its tokens against the trainer's (bf16 on a GPU)
+    kl = max((r["mismatch_kl"] for r in records if r.get("mismatch_kl") is not None), default=float("nan"))
+    gap = max((r["logprob_gap_max"] for r in records if r.get("logprob_gap_max") is not None), default=float("nan"))
+    print(f"sampler vs trainer log-probs: mismatch KL at most {kl:.2e} per token, largest |difference| {gap:.2e}")
+    rows.append(("sampler vs trainer log-probs: mismatch KL per token", f"{kl:.1e}", "<= 1e-3" if gpu else "",
+                 kl <= 1e-3 if gpu else None))
     rows += [(f"  of which {k[5:].replace('_', ' + ')} (s)", f"{split[k]:.2f}", "", None) for k in list(split)[1:]]
     if gpu:
         cfg = load_config(cfg_file, overrides)

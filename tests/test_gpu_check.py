@@ -21,7 +21,8 @@ def test_gpu_check_runs_on_a_cpu_and_passes_its_judged_checks(tmp_path):
                   "of which logprobs + backward", "paged decode attention float32: error",
                   "sampler graph shapes vs eager", "training run: kernels that ran on Triton",
                   "checkpoint RNG state restores", "out-of-range log-prob target stops the run", "eval.py end to end",
-                  "decode graphs' memory vs rollout.decode_graph_bytes"]:
+                  "decode graphs' memory vs rollout.decode_graph_bytes",
+                  "sampler vs trainer log-probs: mismatch KL"]:
         assert check in table
     assert "0 of 10 judged checks failed" in table
     assert log.read_text().endswith(result.stdout[-200:])  # the log holds what was printed

@@ -210,9 +210,7 @@ def test_the_audit_runs_what_gating_and_cutoff_skipped(step):
 
 def test_step_metrics(step, one_process_group):
     _, _, _, data = step
-    import train  # the record metrics.jsonl gets: the step's metrics summed over ranks
-
-    record = train.step_record(one_process_group, 0, data, {})
+    record = data.record(one_process_group, 0, {})  # the line metrics.jsonl gets: summed over ranks
     scored = [s for scores in META_SCORES.values() for s in scores]
     parts = [p for ps in META_PARTS.values() for p in ps]
     expected = {

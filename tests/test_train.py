@@ -2,6 +2,7 @@
 transformers loads, resuming continues exactly, and 2 processes make the same update as 1."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -507,3 +508,35 @@ def test_the_update_matches_an_independent_ppo_computation(assets, one_process_g
     assert got["clip_fraction"] == pytest.approx(clipped / tokens, abs=1e-6)
     assert got["ratio_mean"] == pytest.approx(ratio / tokens, rel=1e-5)
     assert got["entropy"] == pytest.approx(entropy / tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2])  # the gap from the one optimizer step's forward, or the old pass
+def test_the_update_reports_how_far_the_sampler_log_probs_are_from_its_own(assets, one_process_group, mini_batches):
+    # Episodes whose sampler log-probs are the trainer's own, offset by +0.1 (first) and -0.2 (second):
+    # d = trainer - sampler is -0.1 and +0.2 on every response token; a third carries none (not counted).
+    import parallel
+    import train
+    from config import load_config
+
+    T = 0.7
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", f"train.mini_batches={mini_batches}",
+                               f"rollout.temperature={T}"])
+    plain = Qwen3.from_pretrained(assets / "model", dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    episodes = [Episode(i, "solution", torch.randint(3, 60, (4,), generator=g).tolist(),
+                        torch.randint(3, 60, (3 + 2 * i,), generator=g).tolist(), advantage=a)
+                for i, a in enumerate([1.0, -1.0, 0.5])]
+    for e, offset in zip(episodes[:2], (0.1, -0.2)):
+        with torch.no_grad():
+            logits = plain(torch.tensor([e.prompt_ids + e.response_ids]))[0, len(e.prompt_ids) - 1:-1] / T
+        own = torch.log_softmax(logits, -1).gather(-1, torch.tensor(e.response_ids)[:, None])[:, 0]
+        e.sampled_logprobs = (own + offset).tolist()
+    policy = parallel.build_policy(cfg, one_process_group)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    got = train.update(cfg, one_process_group, policy, optimizer,
+                       torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), episodes)
+    n0, n1 = len(episodes[0].response_ids), len(episodes[1].response_ids)  # 3 and 5 tokens
+    k3 = lambda d: math.exp(d) - d - 1  # noqa: E731
+    assert got["logprob_gap_mean"] == pytest.approx((0.1 * n0 + 0.2 * n1) / (n0 + n1), abs=1e-5)
+    assert got["logprob_gap_max"] == pytest.approx(0.2, abs=1e-5)
+    assert got["mismatch_kl"] == pytest.approx((n0 * k3(-0.1) + n1 * k3(0.2)) / (n0 + n1), abs=1e-6)
