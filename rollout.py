@@ -589,6 +589,8 @@ class _Engine:
         """The device's part of an admission: prefill, the copied block, and the lane's state."""
         if a.prefill is not None:
             self.prefill(*a.prefill)
+            if a.sequence.tokens:  # a preempted sequence, recomputed
+                self.counters.recomputed_tokens += len(a.prefill[0])
         if a.copy is not None:
             source, target = a.copy
             self.pool.k[:, target], self.pool.v[:, target] = self.pool.k[:, source], self.pool.v[:, source]
@@ -717,6 +719,7 @@ class EngineStats:
     kv_positions_live: int = 0  # the same, over the lanes of running sequences only
     generated_tokens: int = 0
     preemptions: int = 0
+    recomputed_tokens: int = 0  # positions prefilled again when preempted sequences resumed
     queued_steps: int = 0  # steps while samples waited for the pool (not yet admitted, or preempted)
     queued_live_sequences: int = 0  # summed over those steps: what the pool held while it was the limit
 

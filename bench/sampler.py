@@ -19,16 +19,22 @@ a 256-token budget, temperature 1; the first 28 of the 2048 vocabulary ids stop 
 random model stops with probability about 1.4% per token: lengths are geometric, median about 1/5
 of the budget, with a tail to it (the run prints the distribution it got). The KV memory is fixed
 at --kv-positions (default 22 x 272: the 22 slots `train.py configs/qwen3_8b.yaml --plan` gives
-today, at this scale). The engine's counters (rollout.EngineStats) give, per generated token, the
-decode steps (each reads the weights once) and the KV positions the attention spans; from them a
-decode-time bound on a stated bandwidth (H100 3.35 TB/s, H200 4.8 TB/s), for this model and for
-Qwen3-8B with every length scaled by 32 (32x the steps, 32^2 x the KV positions read). A bound from
-counters, not a GPU measurement. --baseline REV runs the same workload with the engine of git
-revision REV (its own bench/sampler.py, from a temporary worktree) in the same run.
+at an earlier scale). It runs twice: with a GPU run's settings (sync every 16 steps, the CUDA graphs'
+batch buckets, their fixed shapes run eagerly here), the reported case, and with a CPU run's (sync
+every step, eager). The engine's counters (rollout.EngineStats) give, per generated token, the
+decode steps (each reads the weights once), the positions recomputed after preemptions, and the KV
+positions attention spans, which this script also records at the attention call itself (so an
+engine whose count is wrong is caught). From them a time bound on a stated bandwidth (H100 3.35
+TB/s, H200 4.8 TB/s) and compute (989 TFLOP/s bf16, for the recompute prefills), for this model
+and for Qwen3-8B with every length scaled by 32 (32x the steps and recomputed positions, 32^2 x the
+KV positions). A bound from counters, not a GPU measurement. --baseline REV runs the same workload
+with GPU settings on the model, kernels and engine of git revision REV (from a temporary worktree)
+in the same run.
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import copy_bandwidth, sync  # noqa: E402
+
+if os.environ.get("MASA_ENGINE_ROOT"):  # --baseline: another revision's model, kernels and engine
+    sys.path.insert(0, os.environ["MASA_ENGINE_ROOT"])
 from model import PRESETS, Qwen3  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
@@ -157,12 +166,23 @@ def main(argv=None) -> dict:
 
 
 BANDWIDTHS = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, HBM3 / HBM3e
+FLOPS = 989e12  # dense bf16 tensor-core peak of both (H100 and H200 SXM): prefill of a preempted sequence
 SCALE = 32  # the paper's 8192-token budget over this workload's 256
 
 
-def long_tail(kv_positions: int) -> dict:
-    """Run the long-tailed workload once; return the engine's counters, the length distribution and
-    the CPU wall time."""
+SETTINGS = {  # generate's keywords: what a GPU run does (sync every 16 steps, graph batch buckets; on a
+    # CPU the buckets' fixed shapes run eagerly), and a CPU run's defaults
+    "GPU settings": dict(sync_every=16, graphs=True),
+    "CPU settings": dict(sync_every=1, graphs=False),
+}
+
+
+def long_tail(kv_positions: int, settings: str = "GPU settings") -> dict:
+    """Run the long-tailed workload once with SETTINGS[settings]; return the engine's counters, the KV
+    positions attention was actually given (recorded at masa_kernels.paged_decode_attention, the
+    first layer's calls, whatever the engine counts), the length distribution and the CPU wall time."""
+    import masa_kernels
+
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = Qwen3(SMALL).eval()
@@ -170,12 +190,25 @@ def long_tail(kv_positions: int) -> dict:
     budget = 256
     params = SamplingParams(n=16, temperature=1.0, max_new_tokens=budget, stop_token_ids=tuple(range(28)))
     generate(model, prompts[:1], replace(params, n=2, max_new_tokens=8), seed=1, slots=2)  # warm-up
+    attended, calls, real = [0], [0], masa_kernels.paged_decode_attention
+
+    def recording(q, k_pool, v_pool, table, seq_lens, *args, **kwargs):
+        if calls[0] % SMALL.num_hidden_layers == 0:
+            attended[0] += int(seq_lens.sum())
+        calls[0] += 1
+        return real(q, k_pool, v_pool, table, seq_lens, *args, **kwargs)
+
     stats = {}
-    t0 = time.perf_counter()
-    out = generate(model, prompts, params, seed=0, stats=stats, kv_tokens=kv_positions)
-    seconds = time.perf_counter() - t0
+    masa_kernels.paged_decode_attention = recording
+    try:
+        t0 = time.perf_counter()
+        out = generate(model, prompts, params, seed=0, stats=stats, kv_tokens=kv_positions, **SETTINGS[settings])
+        seconds = time.perf_counter() - t0
+    finally:
+        masa_kernels.paged_decode_attention = real
     lengths = sorted(len(r.token_ids) for rs in out for r in rs)
-    return {"stats": stats, "seconds": seconds, "weight_bytes": sum(p.numel() * 4 for p in model.parameters()),
+    return {"stats": stats, "seconds": seconds, "attended": attended[0], "settings": settings,
+            "weight_bytes": sum(p.numel() * 4 for p in model.parameters()),
             "kv_bytes_per_position": 2 * SMALL.num_hidden_layers * SMALL.num_key_value_heads * SMALL.head_dim * 4,
             "lengths": {"median": statistics.median(lengths), "p90": lengths[int(0.9 * len(lengths))],
                         "mean": statistics.fmean(lengths), "at_budget": sum(n == budget for n in lengths) / len(lengths)}}
@@ -195,20 +228,34 @@ def derived(run: dict) -> dict:
            # while samples waited (the pool was the limit); engines before this counter: None
            "queued_concurrency": s["queued_live_sequences"] / s["queued_steps"] if s.get("queued_steps") else None,
            "preemptions": s.get("preemptions")}
+    # what attention was given (recorded), or the engine's own count where a run did not record it
+    read = run.get("attended") or s["kv_positions_read"]
+    out["attended_per_token"] = read / tokens
+    recomputed = s.get("recomputed_tokens", 0)  # engines before this counter: not counted (bound without it)
+    out["recomputed_share"] = recomputed / tokens if "recomputed_tokens" in s else None
     for gpu, bandwidth in BANDWIDTHS.items():
-        small = s["decode_steps"] * run["weight_bytes"] + s["kv_positions_read"] * run["kv_bytes_per_position"]
-        out[f"bound_small_{gpu}"] = tokens / (small / bandwidth)
-        big = SCALE * s["decode_steps"] * weight_8b + SCALE ** 2 * s["kv_positions_read"] * kv_8b
-        out[f"bound_8b_{gpu}"] = SCALE * tokens / (big / bandwidth)
+        # decode reads the weights once a step and every position attention is given; a preempted
+        # sequence's recompute is a prefill, at best compute-bound at 2 x parameters flops a token
+        small = s["decode_steps"] * run["weight_bytes"] + read * run["kv_bytes_per_position"]
+        small_flops = 2 * run["weight_bytes"] / 4 * recomputed
+        out[f"bound_small_{gpu}"] = tokens / (small / bandwidth + small_flops / FLOPS)
+        big = SCALE * s["decode_steps"] * weight_8b + SCALE ** 2 * read * kv_8b
+        big_flops = 2 * qwen8b.num_parameters() * SCALE * recomputed
+        out[f"bound_8b_{gpu}"] = SCALE * tokens / (big / bandwidth + big_flops / FLOPS)
     return out
 
 
 def long_tail_report(args) -> dict:
-    runs = {"this tree": long_tail(args.kv_positions)}
+    if os.environ.get("MASA_ENGINE_ROOT"):  # one run for --baseline, written to --json
+        run = long_tail(args.kv_positions, "GPU settings")
+        args.json.write_text(json.dumps({"this tree": run}))
+        return run
+    runs = {f"this tree, {name}": long_tail(args.kv_positions, name) for name in SETTINGS}
     if args.baseline:
-        runs[args.baseline] = baseline_run(args.baseline, args.kv_positions)
+        runs[f"{args.baseline}, GPU settings"] = baseline_run(args.baseline, args.kv_positions)
     print(f"long-tailed workload: 32 prompts x 16 samples, 16-token prompts, budget 256, KV memory "
-          f"{args.kv_positions} positions, small random model (CPU)")
+          f"{args.kv_positions} positions, small random model (CPU). GPU settings: sync every 16 steps, "
+          f"graph batch buckets (run eagerly here); CPU settings: sync every step, eager")
     rows = [("lengths: median / p90 / mean / at budget", lambda r, d: f"{r['lengths']['median']:.0f} / "
              f"{r['lengths']['p90']} / {r['lengths']['mean']:.1f} / {r['lengths']['at_budget']:.1%}"),
             ("decode steps", lambda r, d: f"{r['stats']['decode_steps']:,}"),
@@ -218,7 +265,9 @@ def long_tail_report(args) -> dict:
              else f"{d['queued_concurrency']:.1f}"),
             ("  rows computed per step (lanes up to the last occupied one)", lambda r, d: f"{d['rows_per_step']:.1f}"),
             ("preemptions", lambda r, d: "none (no such thing)" if d["preemptions"] is None else f"{d['preemptions']}"),
-            ("KV positions read per generated token", lambda r, d: f"{d['kv_read_per_token']:.1f}"),
+            ("  positions recomputed after preemption, per generated token", lambda r, d: "not counted" if d["recomputed_share"] is None else f"{d['recomputed_share']:.1%}"),
+            ("KV positions attention was given, per generated token", lambda r, d: f"{d['attended_per_token']:.1f}"),
+            ("KV positions read per generated token (the engine's count)", lambda r, d: f"{d['kv_read_per_token']:.1f}"),
             ("  live positions per generated token", lambda r, d: f"{d['kv_live_per_token']:.1f}"),
             ("  read / live", lambda r, d: f"{d['kv_read_per_token'] / d['kv_live_per_token']:.2f}x"),
             ("weight bytes per generated token", lambda r, d: f"{d['weight_bytes_per_token'] / 1e6:.2f} MB"),
@@ -237,7 +286,8 @@ def long_tail_report(args) -> dict:
 
 
 def baseline_run(revision: str, kv_positions: int) -> dict:
-    """long_tail with git revision `revision`'s engine and bench script, from a temporary worktree."""
+    """long_tail (this script's, GPU settings) with git revision `revision`'s model, kernels and engine,
+    from a temporary worktree (an engine that takes sync_every and graphs: b77ba93 or later)."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
@@ -245,8 +295,9 @@ def baseline_run(revision: str, kv_positions: int) -> dict:
                        capture_output=True)
         try:
             out = Path(tmp) / "baseline.json"
-            subprocess.run([sys.executable, str(tree / "bench" / "sampler.py"), "--long-tail", "--kv-positions",
-                            str(kv_positions), "--json", str(out)], check=True, cwd=tree, capture_output=True)
+            subprocess.run([sys.executable, __file__, "--long-tail", "--kv-positions", str(kv_positions), "--json",
+                            str(out)], check=True, cwd=tree, capture_output=True,
+                           env={**os.environ, "MASA_ENGINE_ROOT": str(tree)})
             return json.loads(out.read_text())["this tree"]
         finally:
             subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)

@@ -250,7 +250,8 @@ def test_engine_counters_count_steps_sequences_and_positions(pair):
         queued = 4 if lanes == 1 else 0
         assert stats == {"decode_steps": steps, "rows_decoded": 8, "live_sequences": 8, "peak_live_sequences": lanes,
                          "kv_positions_read": read, "kv_positions_live": read, "generated_tokens": 8,
-                         "preemptions": 0, "queued_steps": queued, "queued_live_sequences": queued}
+                         "preemptions": 0, "recomputed_tokens": 0, "queued_steps": queued,
+                         "queued_live_sequences": queued}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,22 +351,30 @@ def test_a_pool_too_small_for_one_sequence_is_refused_with_the_memory_it_needs(p
         generate(model, [[1] * 20], SamplingParams(max_new_tokens=30), kv_tokens=32)
 
 
-def test_every_pool_the_engine_accepts_runs_to_completion(float64_model):
+def test_every_pool_the_engine_accepts_runs_to_completion(float64_model, monkeypatch):
     # A 40-token prompt, 4 samples of up to 200 tokens, 2 lanes: 239 positions, 16 blocks for one
     # sequence with its prompt's partial block alongside. A preempted sample is recomputed in blocks of
     # its own while the prompt's prefix is still held for the samples not yet admitted: with 16 or 17
     # blocks that once left no room to readmit it (an assertion in schedule).
+    import rollout
+
+    prefilled = []
+    real = rollout._Engine.prefill
+    monkeypatch.setattr(rollout._Engine, "prefill", lambda self, tokens, blocks: prefilled.append(len(tokens))
+                        or real(self, tokens, blocks))
     prompt = [(7 * i) % 60 + 3 for i in range(40)]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=200)
     reference = generate(float64_model, [prompt], params, seed=5, slots=2)
     for blocks in range(16, 21):
         for kwargs in (dict(sync_every=1), dict(sync_every=16, graphs=True)):
-            stats = {}
+            stats, prefilled[:] = {}, []
             out = generate(float64_model, [prompt], params, seed=5, slots=2, kv_tokens=blocks * 16, stats=stats,
                            **kwargs)
             assert [r.token_ids for r in out[0]] == [r.token_ids for r in reference[0]], (blocks, kwargs)
             if blocks == 16:
                 assert stats["preemptions"] > 0
+            # the prompt's prefix is 39 tokens; a preempted sample's recompute is prompt + tokens - 1 >= 40
+            assert stats["recomputed_tokens"] == sum(n for n in prefilled if n >= 40), (blocks, kwargs)
 
 
 def test_padding_lanes_read_one_position_and_the_counter_counts_what_attention_reads(float64_model, monkeypatch):
