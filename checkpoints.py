@@ -38,11 +38,13 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +56,17 @@ from config import BENIGN_ON_RESUME, Config, flat, to_dict
 
 
 def rng_state() -> dict:
-    """Every random number generator this process draws from (local; not collective)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every random number generator this process draws from (local; not collective), as tensors, numbers
+    and lists only: what torch.load(weights_only=True) reads back."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), position, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -70,6 +75,17 @@ def set_rng_state(state: dict):
 class RunDirectoryError(Exception):
     """checkpoint.dir cannot be used as it is; the message says why and what to do (train.py prints it
     without a traceback)."""
+
+
+class RunStopped(Exception):
+    """The run cannot usefully go on; the message says why and where to pick up (printed without a traceback)."""
+
+
+def stop(cfg: Config, why: str):
+    """Raise RunStopped: `why`, and the newest intact checkpoint to resume from (call it before a
+    checkpoint of the weights that made the run stop is written)."""
+    last = resumable(replace(cfg, checkpoint=replace(cfg.checkpoint, resume_from="")))
+    raise RunStopped(f"{why}. The last good checkpoint is {last or 'none (no checkpoint yet)'}; see metrics.jsonl.")
 
 
 LOCK = ".lock"
@@ -273,6 +289,7 @@ def save(cfg: Config, rank: int, step: int, policy, optimizer, scheduler, actor,
     dist.barrier()
     model_state, optim_state = get_state_dict(policy, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "state"))
+    # plain data only (tensors, numbers, lists, dicts): load() reads it with weights_only=True
     torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}, tmp / f"rank{rank}.pt")
     if rank == 0:
         actor.save_pretrained(tmp / "model")
@@ -308,7 +325,13 @@ def load(cfg: Config, rank: int, policy, optimizer, scheduler, directory: Path |
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(directory / "state"))
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(directory / f"rank{rank}.pt", weights_only=False)
+    try:  # tensors, numbers and lists only: a pickle that would run code when loaded is refused, never run
+        extra = torch.load(directory / f"rank{rank}.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RunDirectoryError(
+            f"{directory / f'rank{rank}.pt'} holds objects other than tensors, numbers and lists, which loading "
+            f"would let run code; it was not loaded ({str(e).splitlines()[0][:200]}). This project writes none: resume "
+            f"from a checkpoint it wrote, or from an earlier one with checkpoint.resume_from") from None
     scheduler.load_state_dict(extra.pop("scheduler"))
     set_rng_state(extra.pop("rng"))
     return extra.pop("step"), extra

@@ -243,9 +243,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path} is not UTF-8 (byte {data[e.start]:#04x} on line {line}); save it as "
                               f"UTF-8") from None
         try:
-            raw = yaml.load(text, Loader=_StrictLoader) or {}
+            raw = yaml.load(text, Loader=_StrictLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if raw is None:  # an empty file (or only comments) would silently run the paper's 8B defaults
+            raise ConfigError(f"{path} is empty: a config names at least what it changes from config.py's defaults "
+                              f"(start from configs/qwen3_8b.yaml or configs/tiny.yaml)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections at the top level")
     for item in overrides:
@@ -271,8 +274,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 # (key, test, what it must be): values that type-check but cannot run
 _RULES = [
-    ("rollout.group_size", lambda v: v >= 1, "at least 1"),
-    ("rollout.meta_group_size", lambda v: v >= 1, "at least 1"),
+    # a group of one has advantage 0 whatever its reward: nothing would be learned
+    ("rollout.group_size", lambda v: v >= 2, "at least 2 (a group of one has no advantage to learn from)"),
+    ("rollout.meta_group_size", lambda v: v >= 2, "at least 2 (a group of one has no advantage to learn from)"),
     ("rollout.temperature", lambda v: v >= 0, "at least 0 (0 is greedy)"),
     ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("rollout.top_k", lambda v: v == -1 or v >= 1, "-1 (off) or at least 1"),

@@ -33,6 +33,7 @@ logits themselves round with the batch: rollout.py's docstring).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -165,11 +166,20 @@ def meta_prompt_ids(tokenizer, cfg: Config, problem: str) -> list[int]:
 
 
 def prompts_fit(tokenizer, cfg: Config, problem: str) -> bool:
-    """Whether a problem's prompts (the meta prompt too, when the meta path runs) fit max_prompt_tokens."""
+    """Whether a problem's prompts (the meta prompt too, when the meta path runs) fit max_prompt_tokens.
+    A problem longer in characters than max_prompt_tokens of the vocabulary's longest tokens cannot
+    fit and is not tokenized at all (a 50 MB row would take minutes and gigabytes on every rank)."""
     limit = cfg.rollout.max_prompt_tokens
-    if len(solution_prompt_ids(tokenizer, cfg, problem)) > limit:
+    if len(problem) > limit * longest_token(tokenizer) or len(solution_prompt_ids(tokenizer, cfg, problem)) > limit:
         return False
     return cfg.algorithm == "grpo" or len(meta_prompt_ids(tokenizer, cfg, problem)) <= limit
+
+
+@functools.lru_cache(maxsize=8)
+def longest_token(tokenizer) -> int:
+    """Characters of the vocabulary's longest token: text of more characters than n of them is more
+    than n tokens (a token decodes to at most its own length in characters)."""
+    return max(map(len, tokenizer.get_vocab()))
 
 
 def steering(cfg: Config, step: int) -> bool:

@@ -78,6 +78,14 @@ def refresh_actor(actor: Qwen3, policy: Qwen3):
         actor_params[name].copy_(full)
 
 
+@torch.no_grad()
+def weight_norm(policy: Qwen3, env: Env) -> float:
+    """The L2 norm of all the policy's weights (its fp32 shards on every rank; collective)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
+    squares = torch.stack(torch._foreach_norm(local)).double().square().sum() if local else 0.0
+    return all_reduce([float(squares)], env)[0] ** 0.5
+
+
 def all_reduce(values: list[float], env: Env, op=dist.ReduceOp.SUM) -> list[float]:
     """Reduce a list of numbers over all ranks (in float64, so that counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=env.device)

@@ -30,7 +30,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from data import load_problems, step_problems, training_problems
 from masa import Episode
 from masa_step import Expert, collect, prompts_fit, validate
 from model import Qwen3
-from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed
+from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed, weight_norm
 from plan import GIB, check_sizes, memory_plan, print_plan
 from rewards import GraderPool, grade_batch
 from rollout import generate
@@ -118,8 +118,8 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes:
     seen = sum(s["trained_tokens"] for s in steps)
     out = {"loss": sum(s["loss"] for s in steps), "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
            "skipped_steps": sum(s["skipped"] for s in steps), "lr": steps[0]["lr"], "trained_tokens": seen}
-    for key in ("clip_fraction", "ratio_mean", "entropy", "kl"):
-        out[key] = sum(s[key] * s["trained_tokens"] for s in steps) / max(seen, 1)
+    for key in ("clip_fraction", "ratio_mean", "entropy", "kl"):  # null in metrics.jsonl when nothing was trained
+        out[key] = sum(s[key] * s["trained_tokens"] for s in steps if s["trained_tokens"]) / seen if seen else float("nan")
     for key in ("time_logprobs_backward", "time_optimizer"):
         out[key] = sum(s[key] for s in steps)
     (distance, kl, tokens), (largest,) = all_reduce(gap[:3].tolist(), env), all_reduce([gap[3].item()], env, dist.ReduceOp.MAX)
@@ -162,9 +162,9 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     grad_norm, skipped = apply_gradients(cfg, policy, optimizer, loss)
     scheduler.step()
-    return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped, "lr": lr,
-            "clip_fraction": clipped / max(seen, 1), "ratio_mean": ratio / max(seen, 1),
-            "entropy": entropy / max(seen, 1), "kl": kl / max(seen, 1), "trained_tokens": seen,
+    mean = (lambda total: total / seen) if seen else (lambda total: float("nan"))  # nothing trained: unmeasured
+    return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped, "lr": lr, "clip_fraction": mean(clipped),
+            "ratio_mean": mean(ratio), "entropy": mean(entropy), "kl": mean(kl), "trained_tokens": seen,
             "time_logprobs_backward": backward_done - started, "time_optimizer": time.perf_counter() - backward_done}
 
 
@@ -220,6 +220,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start: int = 0  # the first step to run (after a resume)
+    initial_norm: float = 0.0  # the weights' norm when the run (or its resume) started
     bc_buffer: list[Expert] = field(default_factory=list)  # experts not yet cloned
 
 
@@ -252,17 +253,14 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     broken = next((name for name, p in actor.named_parameters() if not torch.isfinite(p).all()), None)
     if broken:  # every step would be skipped: stop now
         source = resuming if resumed else model_path
-        raise RunStopped(f"the weights loaded from {source} hold NaN or infinite values ({broken}): the "
+        raise checkpoints.RunStopped(f"the weights loaded from {source} hold NaN or infinite values ({broken}): the "
                          f"checkpoint is unusable; resume from an earlier one with checkpoint.resume_from")
     elif cfg.warm_start.steps:  # checkpointed as step 0, so a resumed run never repeats it
         warm_start(cfg, env, policy, tokenizer, problems, supervised_step)
         refresh_actor(actor, policy)
         save(cfg, env, run, 0)
+    run.initial_norm = weight_norm(policy, env)
     return run
-
-
-class RunStopped(Exception):
-    """The run cannot usefully go on; the message says why and where to pick up (printed without a traceback)."""
 
 
 def warmup_factor(optim, step: int) -> float:
@@ -277,7 +275,7 @@ def warmup_factor(optim, step: int) -> float:
 def save(cfg: Config, env: Env, run: Run, step: int):
     if cfg.checkpoint.every:
         checkpoints.save(cfg, env.rank, step, run.policy, run.optimizer, run.scheduler, run.actor, run.tokenizer,
-                         {"bc_buffer": run.bc_buffer})
+                         {"bc_buffer": [tuple(e) for e in run.bc_buffer]})
 
 
 def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[Expert]) -> dict:
@@ -300,6 +298,9 @@ def behaviour_cloning(cfg: Config, env: Env, run: Run, experts: list[Expert]) ->
     return {"bc_loss": supervised_step(cfg, env, run.policy, run.optimizer, mine, cfg.efficient.bc_lr)}
 
 
+DIVERGED = 100  # the weights' norm this many times its value at the start: the run is diverging
+
+
 def train(cfg: Config):
     env = setup_distributed()
     if cfg.train.batch_size % env.world:
@@ -311,13 +312,16 @@ def train(cfg: Config):
     # a damaged run directory, or a resume that changes the experiment, stops the run here, before any loading
     resuming = checkpoints.resumable(cfg, verbose=env.main)
     changes = checkpoints.config_changes(cfg, resuming, verbose=env.main) if resuming else {}
+    val_problems = cfg.validation.path and load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
+    if env.main and cfg.optim.lr > 1e-2:
+        print(f"warning: optim.lr={cfg.optim.lr:g} is far above what RL fine-tuning uses (the paper: 1e-6); a run "
+              f"whose weights' norm grows {DIVERGED}-fold stops", flush=True)
     run = prepare(cfg, env, resuming)
     log = checkpoints.MetricsLog(cfg, run.start) if env.main else None
     pool = GraderPool()
     sampler = partial(generate, run.actor, slots=cfg.rollout.slots or None, kv_tokens=cfg.rollout.kv_tokens or None,
                       graphs=None if cfg.rollout.cuda_graphs else False)
     grader = partial(grade_batch, pool=pool)
-    val_problems = cfg.validation.path and load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
     bar = progress_bar(cfg.train.total_steps, cfg.algorithm, run.start, enabled=env.main and cfg.log.progress_bar)
     skipped_in_a_row = 0
     try:
@@ -333,7 +337,7 @@ def train(cfg: Config):
             metrics.update(behaviour_cloning(cfg, env, run, data.experts))
             refresh_actor(run.actor, run.policy)
             done = time.perf_counter()
-            metrics.update(time_refresh=done - updated, time_step=done - started)  # time_step: the whole step
+            metrics.update(time_refresh=done - updated, time_step=done - started, weight_norm=weight_norm(run.policy, env))
             record = data.record(env, step, metrics)
             if env.device.type == "cuda":  # this rank's peak; compare with `train.py CONFIG --plan`
                 record["memory_peak_gib"] = torch.cuda.max_memory_allocated(env.device) / GIB
@@ -347,10 +351,11 @@ def train(cfg: Config):
                 bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
                 bar.update(1)
             if skipped_in_a_row >= cfg.train.max_skipped_steps:  # before a checkpoint of the stuck weights
-                last = checkpoints.resumable(replace(cfg, checkpoint=replace(cfg.checkpoint, resume_from="")))
-                raise RunStopped(f"{skipped_in_a_row} steps in a row were skipped for a non-finite loss or gradient "
-                                 f"(train.max_skipped_steps): the weights have stopped moving. The last good "
-                                 f"checkpoint is {last or 'none (no checkpoint yet)'}; see metrics.jsonl.")
+                checkpoints.stop(cfg, f"{skipped_in_a_row} steps in a row were skipped for a non-finite loss or "
+                                      f"gradient (train.max_skipped_steps): the weights have stopped moving")
+            if not record["weight_norm"] <= DIVERGED * run.initial_norm:  # NaN too; before a checkpoint of them
+                checkpoints.stop(cfg, f"the weights' norm went from {run.initial_norm:.3g} to {record['weight_norm']:.3g}"
+                                      f" at step {step + 1} (optim.lr={cfg.optim.lr:g}): the run is diverging")
             if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps):
                 save(cfg, env, run, step + 1)
     finally:
@@ -382,7 +387,7 @@ def main(argv=None):
     try:
         train(cfg)
         dist.barrier()  # no rank tears the group down while rank 0 still writes its summary
-    except (checkpoints.RunDirectoryError, RunStopped) as e:
+    except (checkpoints.RunDirectoryError, checkpoints.RunStopped) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():

@@ -26,7 +26,7 @@ def progress_bar(total: int, name: str, initial: int, enabled: bool):
 
 def run_summary(metrics_file: Path, window: int = 20) -> str:
     """First vs last `window` steps of the run, from metrics.jsonl: what the run changed."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = _records(metrics_file)
     if not records:
         return "no steps recorded"
     n = max(1, min(window, len(records) // 2))
@@ -43,7 +43,9 @@ def run_summary(metrics_file: Path, window: int = 20) -> str:
 def plot_training(metrics_file: Path, out: Path, window: int = 10) -> Path | None:
     """A training run's curves from its metrics.jsonl: solution reward and accuracy, meta reward, and
     the pass-rate error of the meta predictions (lower is better calibrated), as moving averages over
-    `window` steps. Returns the PNG path, or None without matplotlib."""
+    `window` steps. Returns the PNG path, or None without matplotlib or without a step to draw."""
+    if not _records(metrics_file):
+        return None
     try:
         import matplotlib
 
@@ -52,7 +54,7 @@ def plot_training(metrics_file: Path, out: Path, window: int = 10) -> Path | Non
     except ImportError:
         print("matplotlib is not installed: no training plot (pip install matplotlib)")
         return None
-    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    records = _records(metrics_file)
     steps = [r["step"] for r in records]
 
     def curve(key):
@@ -76,3 +78,9 @@ def plot_training(metrics_file: Path, out: Path, window: int = 10) -> Path | Non
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _records(metrics_file: Path) -> list[dict]:
+    """The steps metrics.jsonl holds; none when it was never written (a run of train.total_steps=0)."""
+    path = Path(metrics_file)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -177,7 +177,9 @@ def test_missing_or_broken_file_is_reported(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("optim.lr=nan", "'optim.lr' must be a finite number"),
     ("loss.clip_high=.inf", "'loss.clip_high' must be a finite number"),
-    ("rollout.group_size=0", "'rollout.group_size' must be at least 1, got 0"),
+    ("rollout.group_size=0", "'rollout.group_size' must be at least 2"),
+    ("rollout.group_size=1", r"'rollout.group_size' must be at least 2 \(a group of one has no advantage"),
+    ("rollout.meta_group_size=1", "'rollout.meta_group_size' must be at least 2"),
     ("rollout.top_p=5", r"'rollout.top_p' must be in \(0, 1\], got 5.0"),
     ("optim.betas=[0.9]", "'optim.betas' must be two numbers"),
     ("efficient.gate_eps=0.7", r"'efficient.gate_eps' must be in \[0, 0.5\)"),
@@ -185,6 +187,14 @@ def test_missing_or_broken_file_is_reported(tmp_path):
 def test_values_that_cannot_run_are_refused(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_an_empty_config_file_is_refused_not_run_as_the_paper_defaults(tmp_path, text):
+    file = tmp_path / "empty.yaml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(file)
 
 
 def test_a_key_given_twice_is_refused(tmp_path):

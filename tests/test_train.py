@@ -343,6 +343,23 @@ def test_a_hint_that_would_overflow_the_prompt_is_dropped(assets):
     assert prompts_fit(tokenizer, replace_algorithm(cfg, "grpo"), "What is 1+1?")
 
 
+def test_a_huge_problem_is_dropped_without_being_tokenized(assets, monkeypatch):
+    # A 2-million-character row (issue 27 saw a 50 MB one take 4 GiB in 10 s, then killed) cannot fit in
+    # max_prompt_tokens of this vocabulary's longest tokens: it is dropped before the chat template.
+    import masa_step
+    from config import load_config
+    from transformers import AutoTokenizer
+
+    cfg = load_config(CONFIG, ["algorithm=grpo"])
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    calls = []
+    real = masa_step.chat_ids
+    monkeypatch.setattr(masa_step, "chat_ids", lambda tok, text: calls.append(len(text)) or real(tok, text))
+    assert not masa_step.prompts_fit(tokenizer, cfg, "What is 1+1? " * 150_000)
+    assert calls == []
+    assert masa_step.prompts_fit(tokenizer, cfg, "What is 1+1?") and len(calls) == 1  # a short one still is
+
+
 def replace_algorithm(cfg, algorithm):
     import dataclasses
 
@@ -397,6 +414,7 @@ def test_run_summary_compares_the_first_and_last_steps(tmp_path):
 
 def test_a_run_of_skipped_steps_stops_naming_the_last_good_checkpoint(assets, tmp_path, one_process_group,
                                                                        monkeypatch):
+    import checkpoints
     import train
     from config import load_config
 
@@ -409,7 +427,7 @@ def test_a_run_of_skipped_steps_stops_naming_the_last_good_checkpoint(assets, tm
     cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", f"data.train_path={assets / 'problems.jsonl'}",
                                f"checkpoint.dir={tmp_path / 'run'}", "checkpoint.every=1", "train.total_steps=10",
                                "train.max_skipped_steps=2"])
-    with pytest.raises(train.RunStopped, match=r"2 steps in a row were skipped .* The last good checkpoint is "
+    with pytest.raises(checkpoints.RunStopped, match=r"2 steps in a row were skipped .* The last good checkpoint is "
                                                + re.escape(str(tmp_path / "run" / "step_000001"))):
         train.train(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -540,3 +558,83 @@ def test_the_update_reports_how_far_the_sampler_log_probs_are_from_its_own(asset
     assert got["logprob_gap_mean"] == pytest.approx((0.1 * n0 + 0.2 * n1) / (n0 + n1), abs=1e-5)
     assert got["logprob_gap_max"] == pytest.approx(0.2, abs=1e-5)
     assert got["mismatch_kl"] == pytest.approx((n0 * k3(-0.1) + n1 * k3(0.2)) / (n0 + n1), abs=1e-6)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs that cannot go on: stopped early, with the reason (issue 27)
+
+
+def train_process(assets, run_dir, *overrides):
+    """python train.py as a user runs it; the finished process (any exit status)."""
+    args = [str(CONFIG), f"model.path={assets / 'model'}", f"data.train_path={assets / 'problems.jsonl'}",
+            f"checkpoint.dir={run_dir}", "log.progress_bar=false", *overrides]
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=child_env())
+
+
+def test_a_diverging_run_stops_before_checkpointing_the_exploded_weights(assets, tmp_path):
+    # optim.lr=1e10: AdamW moves every weight by about lr at the first step. Before, the run exited 0 and
+    # checkpointed the exploded weights (grad norm 0.0 afterwards, so no step counted as skipped).
+    out = train_process(assets, tmp_path / "run", "optim.lr=1e10", "train.total_steps=4", "checkpoint.every=1")
+    assert out.returncode != 0
+    assert "warning: optim.lr=1e+10 is far above" in out.stdout
+    assert re.search(r"error: the weights' norm went from \S+ to \S+ at step 1 \(optim.lr=1e\+10\): the run is "
+                     r"diverging\. The last good checkpoint is none", out.stderr), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "run" / "step_000001").exists()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["weight_norm"] > 1e6  # logged: the step that diverged
+
+
+def test_a_run_of_zero_steps_ends_cleanly(assets, tmp_path):
+    out = train_process(assets, tmp_path / "run", "train.total_steps=0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no steps recorded" in out.stdout
+
+
+def test_a_missing_validation_file_stops_the_run_before_anything_is_loaded_or_written(assets, tmp_path):
+    # with a warm start, which (before) ran and was checkpointed as step_000000 before the file was read
+    out = train_process(assets, tmp_path / "run", f"validation.path={tmp_path / 'held_out.jsonl'}",
+                        "data.source=arithmetic", "warm_start.steps=1")
+    assert out.returncode != 0 and "held_out.jsonl" in out.stderr
+    assert not (tmp_path / "run" / "step_000000").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_means_over_no_trained_token_are_null_not_zero(assets, one_process_group):
+    # Every advantage 0 and no entropy or KL term: no response is forwarded, so the clip fraction, the
+    # ratio, the entropy and the KL are unmeasured (NaN, written as null), not 0.
+    import parallel
+    import train
+    from config import load_config
+
+    cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", "loss.entropy_coef=0"])
+    policy = parallel.build_policy(cfg, one_process_group)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    episodes = [Episode(i, "solution", [5, 6, 7], [8, 9], advantage=0.0) for i in range(4)]
+    got = train.update(cfg, one_process_group, policy, optimizer,
+                       torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), episodes)
+    assert got["trained_tokens"] == 0
+    assert all(math.isnan(got[key]) for key in ("clip_fraction", "ratio_mean", "entropy", "kl"))
+
+
+class _Payload:
+    """What a hostile rank<r>.pt could carry: unpickling it calls Path.touch (any callable would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_whose_state_file_would_run_code_is_refused_and_the_code_never_runs(assets, tmp_path):
+    import checkpoints
+
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    run(assets, run_dir, "train.total_steps=1", "checkpoint.every=1")
+    step = run_dir / "step_000001"
+    torch.save({"step": 1, "payload": _Payload(marker)}, step / "rank0.pt")
+    checkpoints.write_manifest(step)  # as a run directory from elsewhere would be: intact by its manifest
+    out = train_process(assets, run_dir, "train.total_steps=2")
+    assert out.returncode != 0 and "rank0.pt holds objects other than tensors, numbers and lists" in out.stderr
+    assert not marker.exists() and "Traceback" not in out.stderr
