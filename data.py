@@ -31,6 +31,10 @@ import numpy as np
 from rewards import has_content
 
 
+class DataError(ValueError):
+    """A problem file (or the problems a config asks for) the user must fix; the message says what and how."""
+
+
 def load_problems(path: str | Path, problem_key: str = "problem", answer_key: str = "answer") -> list[dict]:
     """Rows of a JSONL or parquet file, each with string fields "problem" and "answer"."""
     path = Path(path)
@@ -47,19 +51,19 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}, row {number}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                    raise DataError(f"{path}, row {number}: not UTF-8 (byte {raw[e.start]:#04x} at column "
                                      f"{e.start + 1}); problem files must be UTF-8 JSON lines") from None
                 if not line.strip():
                     continue
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, row {number}: not valid JSON ({e})") from e
+                    raise DataError(f"{path}, row {number}: not valid JSON ({e})") from e
     problems, blank = [], []
     for number, row in enumerate(rows, 1):
         for key in (problem_key, answer_key):
             if not isinstance(row, dict) or row.get(key) is None:
-                raise ValueError(f"{path}, row {number}: missing field {key!r}; rows need {problem_key!r} and "
+                raise DataError(f"{path}, row {number}: missing field {key!r}; rows need {problem_key!r} and "
                                  f"{answer_key!r} (set data.problem_key / data.answer_key for other names)")
         if not has_content(str(row[answer_key])):  # nothing any response could be graded right against
             blank.append(str(row.get("id", f"row {number}")))
@@ -69,7 +73,7 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
         print(f"warning: {path}: skipped {len(blank)} row(s) whose {answer_key!r} is blank (or only punctuation), "
               f"so no answer could be graded right: {', '.join(blank[:5])}{', ...' if len(blank) > 5 else ''}", file=sys.stderr)
     if not problems:
-        raise ValueError(f"{path} holds no problems" + (" with an answer" if blank else ""))
+        raise DataError(f"{path} holds no problems" + (" with an answer" if blank else ""))
     return problems
 
 
@@ -84,7 +88,7 @@ def training_problems(cfg, fits, verbose: bool = True) -> list[dict]:
         problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
     kept = [p for p in problems if fits(p["problem"])]
     if not kept:
-        raise ValueError(f"no problem in {cfg.data.train_path} fits rollout.max_prompt_tokens="
+        raise DataError(f"no problem in {cfg.data.train_path} fits rollout.max_prompt_tokens="
                          f"{cfg.rollout.max_prompt_tokens} (meta prompt included); raise the limit")
     if verbose and len(kept) < len(problems):
         print(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose prompts exceed "
@@ -176,7 +180,7 @@ def arithmetic_held_out(count: int, seed: int, training: list[dict], digits: tup
     seen = {p["problem"] for p in training}
     fresh = [p for p in arithmetic_problems(4 * count, seed, digits) if p["problem"] not in seen]
     if len(fresh) < count:
-        raise ValueError(f"only {len(fresh)} of {4 * count} drawn problems are new: lower the count or add digits")
+        raise DataError(f"only {len(fresh)} of {4 * count} drawn problems are new: lower the count or add digits")
     return fresh[:count]
 
 

@@ -449,9 +449,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         evaluate(**vars(args))
-    except ValueError as e:
+    except ValueError as e:  # a bad option, config or benchmark file (config.ConfigError, data.DataError)
         parser.error(str(e))
-    except EvalStopped as e:
+    except (EvalStopped, OSError) as e:  # results that cannot be written; files, permissions, disk
         sys.exit(f"error: {e}")
 
 

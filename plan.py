@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from config import Config
+from config import Config, ConfigError
 from hf_checkpoint import read_config
 from model import PRESETS, Qwen3Config
 from rollout import BLOCK_SIZE, decode_graph_bytes, kv_bytes_per_position, kv_tokens_that_fit
@@ -40,7 +40,7 @@ def model_shape(cfg: Config) -> tuple[Qwen3Config, str]:
     size = re.search(r"Qwen3-(\d+(?:\.\d+)?B)", cfg.model.path)
     if size and size.group(1) in PRESETS:
         return PRESETS[size.group(1)], f"model.PRESETS[{size.group(1)!r}] (the shape of {cfg.model.path})"
-    raise ValueError(f"cannot tell the shape of model.path={cfg.model.path!r} without downloading it: set "
+    raise ConfigError(f"cannot tell the shape of model.path={cfg.model.path!r} without downloading it: set "
                      f"model.path to a local checkpoint directory (with config.json) or a Qwen3 hub id")
 
 
@@ -153,14 +153,14 @@ def check_sizes(cfg: Config, world: int, device: torch.device, main: bool = True
     shape, source = model_shape(cfg)
     positions = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     if positions > shape.max_position_embeddings:
-        raise ValueError(f"rollout.max_prompt_tokens + rollout.max_response_tokens = {positions:,} positions, more "
+        raise ConfigError(f"rollout.max_prompt_tokens + rollout.max_response_tokens = {positions:,} positions, more "
                          f"than the model takes ({shape.max_position_embeddings:,}, max_position_embeddings of "
                          f"{source}): lower rollout.max_response_tokens")
     if device.type == "cuda":
         gib = torch.cuda.get_device_properties(device).total_memory / GIB
         plan = memory_plan(cfg, world, gib)
         if not plan["one_sequence_fits"]:
-            raise ValueError(f"the KV pool ({plan['kv_tokens']:,} positions) cannot hold one sequence of {positions:,} "
+            raise ConfigError(f"the KV pool ({plan['kv_tokens']:,} positions) cannot hold one sequence of {positions:,} "
                              f"positions on a {gib:.0f} GiB GPU (train.py CONFIG --plan): lower "
                              f"rollout.max_response_tokens or set rollout.kv_tokens")
         if not plan["fits"] and main:

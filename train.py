@@ -41,8 +41,8 @@ import torch.distributed as dist
 import checkpoints
 import masa
 import masa_kernels
-from config import Config, load_config
-from data import load_problems, step_problems, training_problems
+from config import Config, ConfigError, load_config
+from data import DataError, load_problems, step_problems, training_problems
 from masa import Episode
 from masa_step import Expert, collect, prompts_fit, validate
 from model import Qwen3
@@ -304,7 +304,7 @@ DIVERGED = 100  # the weights' norm this many times its value at the start: the 
 def train(cfg: Config):
     env = setup_distributed()
     if cfg.train.batch_size % env.world:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {env.world} processes")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {env.world} processes")
     check_sizes(cfg, env.world, env.device, env.main)
     if env.main:
         checkpoints.lock(cfg)  # before anything is written
@@ -380,15 +380,18 @@ def main(argv=None):
     parser.add_argument("--gpus", type=int, default=8, help="GPUs the plan assumes (default 8)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan assumes (default 80)")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if args.plan:
-        print_plan(cfg, memory_plan(cfg, args.gpus, args.gpu_memory))
-        return
     try:
+        cfg = load_config(args.config, args.overrides)
+        if args.plan:
+            return print_plan(cfg, memory_plan(cfg, args.gpus, args.gpu_memory))
         train(cfg)
         dist.barrier()  # no rank tears the group down while rank 0 still writes its summary
-    except (checkpoints.RunDirectoryError, checkpoints.RunStopped) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ConfigError, DataError, checkpoints.RunDirectoryError, checkpoints.RunStopped, OSError) as e:
+        # the user's to fix (the config, the data, the run directory, files, permissions, disk): one
+        # message, from rank 0 only, and no traceback (those stay for bugs)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

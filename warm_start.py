@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from config import Config
-from data import ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, build_char_tokenizer
+from data import ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, DataError, build_char_tokenizer
 from masa import uninformative_meta_target
 from masa_step import Purpose, meta_prompt_ids, seed_for, solution_prompt_ids
 from model import PRESETS, Qwen3
@@ -72,7 +72,7 @@ class Examples:
 
     def __init__(self, cfg: Config, tokenizer, problems: list[dict]):
         if any("solution" not in p for p in problems):
-            raise ValueError("warm_start.steps > 0 needs a 'solution' field on every training problem")
+            raise DataError("warm_start.steps > 0 needs a 'solution' field on every training problem")
         self.cfg, self.tokenizer, self.problems = cfg, tokenizer, problems
         self.encoded = {}  # problem index -> (solution prompt, solution target, meta prompt): the chat template is slow
 

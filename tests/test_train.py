@@ -3,6 +3,7 @@ transformers loads, resuming continues exactly, and 2 processes make the same up
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -638,3 +639,30 @@ def test_a_checkpoint_whose_state_file_would_run_code_is_refused_and_the_code_ne
     out = train_process(assets, run_dir, "train.total_steps=2")
     assert out.returncode != 0 and "rank0.pt holds objects other than tensors, numbers and lists" in out.stderr
     assert not marker.exists() and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("mistake,message", [
+    (["rollout.grup_size=4"], "error: unknown config key 'rollout.grup_size'; valid keys in section 'rollout'"),
+    (["data.train_path=/nonexistent/problems.jsonl"], "error: problem file '/nonexistent/problems.jsonl' not found"),
+    (["train.batch_size=3", "nproc=2"], "error: train.batch_size=3 must be a multiple of the 2 processes"),
+    (["checkpoint.dir=FILE/run"], r"error: \[Errno 20\] Not a directory: .*FILE"),
+])
+def test_a_users_mistake_is_one_message_once_not_a_traceback(assets, tmp_path, mistake, message):
+    # Before, load_config ran outside any handler, and data, size and permission errors reached the
+    # user as tracebacks, one per rank under torchrun ("[rank0]: Traceback ...").
+    nproc = int(next((m.split("=")[1] for m in mistake if m.startswith("nproc=")), 1))
+    overrides = [m for m in mistake if not m.startswith("nproc=")]
+    if any("FILE" in m for m in overrides):  # a run directory under a file (even root cannot make that)
+        (tmp_path / "FILE").write_text("not a directory")
+        overrides = [f"checkpoint.dir={tmp_path / 'FILE' / 'run'}"]
+    args = [str(CONFIG), f"model.path={assets / 'model'}", f"data.train_path={assets / 'problems.jsonl'}",
+            f"checkpoint.dir={tmp_path / 'run'}", "log.progress_bar=false", *overrides]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}"]
+    out = subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT, env=child_env())
+    assert out.returncode != 0
+    assert re.search(message, out.stderr), out.stderr[-3000:]
+    assert 'train.py", line' not in out.stderr, out.stderr[-3000:]  # no traceback through this project's code
+    # (torchrun's launcher still prints its own report of a failed child, traceback included)
+    assert len(re.findall(r"^error: ", out.stderr, re.MULTILINE)) == 1  # once, not once per rank
