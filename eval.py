@@ -241,8 +241,21 @@ def default_data_dir() -> Path:
 
 
 # What a benchmark's results depend on: a rerun into the same --out must match these to reuse them.
-SAMPLING_SETTINGS = ("model", "n", "k", "temperature", "top_p", "max_new_tokens", "meta", "meta_n",
+# "weights" is the checkpoint's content, not its path: train.py writes a new step_NNNNNN at the same
+# path after a checkpoint.resume_from.
+SAMPLING_SETTINGS = ("model", "weights", "n", "k", "temperature", "top_p", "max_new_tokens", "meta", "meta_n",
                      "meta_max_new_tokens", "config", "seed")
+
+
+def checkpoint_fingerprint(model: str | Path) -> str:
+    """A cheap key of a checkpoint directory's content: the SHA-256 of every file's name, size and
+    modification time (no weight is read); a hub id is its own key."""
+    path = Path(model)
+    if not path.is_dir():
+        return str(model)
+    stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*"))
+             if f.is_file()]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def completed(out: Path, settings: dict, labels: list[str], redo: bool) -> tuple[dict, str | None]:
@@ -355,7 +368,7 @@ def evaluate(model: str, benchmarks: list[str] | str, *, data_dir: str | Path | 
         raise ValueError(f"--model {model} is neither a checkpoint directory nor a hub id (owner/name)")
     saved = Path(model).parent / "config.yaml"
     config_file = Path(config) if config else (saved if saved.is_file() else None)
-    settings = {"model": str(model), "benchmarks": ",".join(names), "data_dir": str(data_dir), "n": n,
+    settings = {"model": str(model), "weights": checkpoint_fingerprint(model), "benchmarks": ",".join(names), "data_dir": str(data_dir), "n": n,
                 "k": ",".join(str(x) for x in asked), "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "meta": meta, "meta_n": meta_n,
                 "meta_max_new_tokens": meta_max_new_tokens, "config": str(config) if config else None, "seed": seed,

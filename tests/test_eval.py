@@ -242,8 +242,8 @@ def test_a_rerun_with_any_other_sampling_setting_is_refused(tiny, tmp_path, monk
     out = tmp_path / "out"
     main(eval_args(tiny, out, "five"))
     other_model = tmp_path / "other_model"
-    shutil.copytree(tiny / "model", other_model)
-    changes = {"model": ["--model", str(other_model)], "n": ["--n", "3"], "k": ["--k", "1,2"],
+    shutil.copytree(tiny / "model", other_model)  # the same files (copy2 keeps sizes and times): only the path differs
+    changes = {"model": ["--model", str(other_model)], "weights": None, "n": ["--n", "3"], "k": ["--k", "1,2"],
                "temperature": ["--temperature", "0.5"], "top_p": ["--top-p", "0.9"],
                "max_new_tokens": ["--max-new-tokens", "5"], "meta": ["--meta"], "meta_n": ["--meta-n", "4"],
                "meta_max_new_tokens": ["--meta-max-new-tokens", "7"],
@@ -253,10 +253,30 @@ def test_a_rerun_with_any_other_sampling_setting_is_refused(tiny, tmp_path, monk
     monkeypatch.setattr(evaluation, "sample_problems", lambda *a, **k: pytest.fail("sampled after all"))
     capsys.readouterr()
     for key, flags in changes.items():
+        if flags is None:  # the weights: the next test
+            continue
         with pytest.raises(SystemExit):
             main(eval_args(tiny, out, "five") + flags)  # argparse keeps the last value of a repeated flag
         err = capsys.readouterr().err
         assert "holds results made with other settings" in err and f"({key} " in err, (key, err)
+
+
+def test_a_checkpoint_rewritten_at_the_same_path_is_not_served_from_the_cache(tiny, tmp_path, monkeypatch, capsys):
+    # train.py writes a new step_NNNNNN at the same path after a checkpoint.resume_from: the path alone
+    # named the cached results, so re-evaluating it returned the old weights' results.
+    import eval as evaluation
+
+    model = tmp_path / "step_000002" / "model"
+    shutil.copytree(tiny / "model", model)
+    args = eval_args(tiny, tmp_path / "out", "five") + ["--model", str(model)]
+    main(args)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # rewritten: here the same bytes, but a file written anew
+    monkeypatch.setattr(evaluation, "sample_problems", lambda *a, **k: pytest.fail("sampled after all"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "holds results made with other settings (weights " in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
