@@ -207,10 +207,11 @@ def damage(directory: Path) -> str | None:
 
 
 def resumable(cfg: Config, verbose: bool = False) -> Path | None:
-    """The checkpoint to resume from: checkpoint.resume_from if set (it must be intact), else the
-    newest intact step_NNNNNN of checkpoint.dir (damaged newer ones are named in a warning); None
-    for a fresh run. Raises RunDirectoryError, naming the directory and the choices, when checkpoints exist
-    and none is intact. Nothing is deleted. Local (not collective)."""
+    """The checkpoint to resume from: checkpoint.resume_from if set (it must be intact), else the one
+    `latest` names when it is intact (the branch the run was on), else the newest intact step_NNNNNN
+    of checkpoint.dir (damaged newer ones are named in a warning); None for a fresh run. Raises
+    RunDirectoryError, naming the directory and the choices, when checkpoints exist and none is
+    intact. Nothing is deleted. Local (not collective)."""
     root = Path(cfg.checkpoint.dir)
     if cfg.checkpoint.resume_from:
         chosen = Path(cfg.checkpoint.resume_from)
@@ -229,6 +230,8 @@ def resumable(cfg: Config, verbose: bool = False) -> Path | None:
         named = pointer.read_bytes().decode("utf-8", errors="replace").strip()
         if not STEP_NAME.fullmatch(named) or not (root / named).is_dir():
             notes.append(f"{pointer} holds {named[:40]!r}, not the name of a checkpoint here")
+        elif damage(root / named) is None:
+            return root / named
     for directory in steps:
         problem = damage(directory)
         if problem is None:
@@ -239,6 +242,23 @@ def resumable(cfg: Config, verbose: bool = False) -> Path | None:
     raise RunDirectoryError(f"{root} holds no intact checkpoint to resume from (" + "; ".join(notes) + "). Nothing "
                             "was deleted. Either start fresh in another checkpoint.dir (or move this one away), or "
                             "set checkpoint.resume_from to a step directory you have repaired.")
+
+
+def follow(cfg: Config, directory: Path | None):
+    """Make `directory` (resumable's choice) the branch the run continues: every step_NNNNNN after it
+    (an abandoned branch, after checkpoint.resume_from or past a damaged checkpoint) is set aside as
+    step_NNNNNN.set-aside-K, never deleted, and `latest` names `directory`. Rank 0 only."""
+    if directory is None:
+        return
+    root = Path(cfg.checkpoint.dir)
+    newer = [d for d in root.glob("step_*") if STEP_NAME.fullmatch(d.name) and d.name > directory.name]
+    for d in sorted(newer):
+        print(f"checkpoint: {d.name} is after {directory.name}, the resumed one: set aside as {_set_aside(d).name}",
+              flush=True)
+    if directory.parent.resolve() == root.resolve():
+        latest = root / "latest.tmp"
+        latest.write_text(directory.name + "\n")
+        os.replace(latest, root / "latest")
 
 
 def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[str, list]:
@@ -338,17 +358,22 @@ def load(cfg: Config, rank: int, policy, optimizer, scheduler, directory: Path |
 
 
 def truncate_metrics(file: Path, step: int):
-    """Keep the lines of steps up to `step` (those after it came from a run killed before its next
-    checkpoint; a line cut short by the kill is dropped), rewriting the file atomically. Rank 0 only."""
+    """Keep the lines of steps up to `step` and move the others (steps run after the resumed checkpoint
+    by a run that was killed or abandoned, and a line cut short by a kill) to the first free
+    metrics.jsonl.set-aside-K, rewriting the file atomically: nothing is mixed or deleted. Rank 0 only."""
     if not file.exists():
         return
-    kept = []
+    kept, moved = [], []
     for line in file.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            (kept if json.loads(line).get("step", 0) <= step else moved).append(line)
         except json.JSONDecodeError:
-            continue
+            moved.append(line)
+    if moved:
+        k = 1
+        while file.with_name(f"{file.name}.set-aside-{k}").exists():
+            k += 1
+        file.with_name(f"{file.name}.set-aside-{k}").write_text("".join(line + "\n" for line in moved))
     tmp = file.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, file)

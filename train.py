@@ -312,6 +312,9 @@ def train(cfg: Config):
     # a damaged run directory, or a resume that changes the experiment, stops the run here, before any loading
     resuming = checkpoints.resumable(cfg, verbose=env.main)
     changes = checkpoints.config_changes(cfg, resuming, verbose=env.main) if resuming else {}
+    dist.barrier()  # every rank has chosen before rank 0 sets a later branch aside
+    if env.main:
+        checkpoints.follow(cfg, resuming)
     val_problems = cfg.validation.path and load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
     if env.main and cfg.optim.lr > 1e-2:
         print(f"warning: optim.lr={cfg.optim.lr:g} is far above what RL fine-tuning uses (the paper: 1e-6); a run "

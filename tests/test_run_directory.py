@@ -87,9 +87,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_nothing_delet
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # resumed after step 1 (or 2), the rest re-run
     assert (run_dir / "latest").read_text().strip() == "step_000003"
-    if not metadata_only:  # the damaged step 2 was set aside when the new step 2 was written, not deleted
+    if not metadata_only:  # the damaged step 2 was set aside when the run resumed before it, not deleted
         assert listing(run_dir / "step_000002.set-aside-1") == before
-        assert "step_000002 already exists; set aside as step_000002.set-aside-1" in out.stdout
+        assert "step_000002 is after step_000001, the resumed one: set aside as step_000002.set-aside-1" in out.stdout
 
 
 def test_no_intact_checkpoint_stops_the_run_with_the_choices(assets, two_steps, tmp_path):
@@ -251,3 +251,20 @@ def test_bad_values_are_refused_when_the_config_loads(override, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(CONFIG, [override])
+
+
+def test_a_restart_follows_the_branch_latest_names_and_sets_the_abandoned_one_aside(assets, tmp_path):
+    # Four steps, then checkpoint.resume_from=step_000002 and one more step (a new step_000003), then a
+    # plain restart to step 5. Before, the restart took the highest step by name, the abandoned
+    # step_000004, and metrics.jsonl ended as steps [1, 2, 3, 5], the old step 4's line deleted.
+    run_dir = tmp_path / "run"
+    train(assets, run_dir, "train.total_steps=4", "checkpoint.keep=10")
+    first = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train(assets, run_dir, "train.total_steps=3", "checkpoint.keep=10", "checkpoint.resume_from=step_000002")
+    assert (run_dir / "step_000004.set-aside-1").is_dir() and not (run_dir / "step_000004").exists()
+    assert (run_dir / "latest").read_text().strip() == "step_000003"
+    train(assets, run_dir, "train.total_steps=5", "checkpoint.keep=10")
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    aside = [json.loads(line) for line in (run_dir / "metrics.jsonl.set-aside-1").read_text().splitlines()]
+    assert [r["step"] for r in aside] == [3, 4] and aside == first[2:]  # the abandoned branch's lines, kept
