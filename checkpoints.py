@@ -42,7 +42,9 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import socket
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -75,6 +77,30 @@ def set_rng_state(state: dict):
 class RunDirectoryError(Exception):
     """checkpoint.dir cannot be used as it is; the message says why and what to do (train.py prints it
     without a traceback)."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what preemptible and SLURM jobs get before they are killed; SLURM sends
+    SIGUSR1 ahead of time with --signal=USR1@SECONDS) ask the run to stop after its current step,
+    with a checkpoint; a second one ends the process at once (the signal's default action). Every
+    rank installs them (main thread only); train.py agrees on `received` over the ranks after each step."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, main: bool):
+        self.received, self.main = 0, main
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        if self.main:
+            print(f"received {signal.Signals(signum).name}: the run stops after this step, with a checkpoint "
+                  f"(a second signal ends it at once)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class RunStopped(Exception):

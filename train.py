@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -326,7 +327,7 @@ def train(cfg: Config):
                       graphs=None if cfg.rollout.cuda_graphs else False)
     grader = partial(grade_batch, pool=pool)
     bar = progress_bar(cfg.train.total_steps, cfg.algorithm, run.start, enabled=env.main and cfg.log.progress_bar)
-    skipped_in_a_row = 0
+    skipped_in_a_row, stops = 0, checkpoints.StopSignals(env.main)
     try:
         for step in range(run.start, cfg.train.total_steps):
             started = time.perf_counter()
@@ -359,9 +360,16 @@ def train(cfg: Config):
             if not record["weight_norm"] <= DIVERGED * run.initial_norm:  # NaN too; before a checkpoint of them
                 checkpoints.stop(cfg, f"the weights' norm went from {run.initial_norm:.3g} to {record['weight_norm']:.3g}"
                                       f" at step {step + 1} (optim.lr={cfg.optim.lr:g}): the run is diverging")
-            if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps):
+            signum = int(all_reduce([stops.received], env, dist.ReduceOp.MAX)[0])  # SIGTERM on any rank: all stop
+            if cfg.checkpoint.every and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.total_steps
+                                         or signum):
                 save(cfg, env, run, step + 1)
+            if signum:
+                saved = f"step_{step + 1:06d} written" if cfg.checkpoint.every else "none written (checkpoint.every=0)"
+                raise checkpoints.RunStopped(f"stopped by {signal.Signals(signum).name} after step {step + 1}; checkpoint "
+                                             f"{saved}: the same command resumes the run")
     finally:
+        stops.restore()
         pool.close()
         if bar:
             bar.close()

@@ -268,3 +268,41 @@ def test_a_restart_follows_the_branch_latest_names_and_sets_the_abandoned_one_as
     assert steps == [1, 2, 3, 4, 5]
     aside = [json.loads(line) for line in (run_dir / "metrics.jsonl.set-aside-1").read_text().splitlines()]
     assert [r["step"] for r in aside] == [3, 4] and aside == first[2:]  # the abandoned branch's lines, kept
+
+
+def started_run(assets, run_dir, steps: int):
+    """A long train.py run in the background, once it has finished `steps` steps."""
+    proc = subprocess.Popen(command(assets, run_dir, "train.total_steps=1000", "checkpoint.every=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=child_env())
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_releases_the_lock(assets, tmp_path, signum):
+    # Preemptible and SLURM jobs get SIGTERM (or SIGUSR1 ahead of time) before they are killed. Before,
+    # the process died at once: no checkpoint since the last regular one, no message, a stale lock.
+    run_dir = tmp_path / "run"
+    proc = started_run(assets, run_dir, 2)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    done = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    assert proc.returncode == 1, err[-3000:]
+    assert f"received {signum.name}: the run stops after this step" in err
+    assert f"error: stopped by {signum.name} after step {done}; checkpoint step_{done:06d} written" in err
+    assert (run_dir / f"step_{done:06d}").is_dir() and not (run_dir / ".lock").exists()
+    train(assets, run_dir, f"train.total_steps={done + 1}")  # the same command resumes it
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, done + 2))
+
+
+def test_a_second_stop_signal_ends_the_run_at_once(assets, tmp_path):
+    proc = started_run(assets, tmp_path / "run", 1)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the first one is handled
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM
