@@ -102,6 +102,13 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    @staticmethod
+    def stopped(cfg: Config, signum: int, step: int):
+        """Raise RunStopped for a stop signal after `step` (whose checkpoint train.py has written)."""
+        saved = f"step_{step:06d} written" if cfg.checkpoint.every else "none written (checkpoint.every=0)"
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {saved}: the same "
+                         f"command resumes the run")
+
 
 class RunStopped(Exception):
     """The run cannot usefully go on; the message says why and where to pick up (printed without a traceback)."""

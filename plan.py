@@ -149,7 +149,8 @@ def print_plan(cfg: Config, plan: dict):
 
 def check_sizes(cfg: Config, world: int, device: torch.device, main: bool = True):
     """Refuse, before anything is loaded or allocated, lengths the model cannot take and (on CUDA) a
-    KV pool the memory plan says cannot hold one sequence; warn when the plan's peak exceeds the GPU."""
+    KV pool the memory plan says cannot hold one sequence; warn when the plan's peak exceeds the GPU,
+    or when the learning rate is far above any RL fine-tuning's (train.py stops a diverging run)."""
     shape, source = model_shape(cfg)
     positions = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     if positions > shape.max_position_embeddings:
@@ -166,3 +167,6 @@ def check_sizes(cfg: Config, world: int, device: torch.device, main: bool = True
         if not plan["fits"] and main:
             print(f"warning: train.py --plan puts this run's peak above the GPU's budget ({gib:.0f} GiB): expect "
                   f"out-of-memory errors", flush=True)
+    if cfg.optim.lr > 1e-2 and main:
+        print(f"warning: optim.lr={cfg.optim.lr:g} is far above what RL fine-tuning uses (the paper: 1e-6); a run "
+              f"whose weights' norm grows 100-fold stops", flush=True)

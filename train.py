@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -317,9 +316,6 @@ def train(cfg: Config):
     if env.main:
         checkpoints.follow(cfg, resuming)
     val_problems = cfg.validation.path and load_problems(cfg.validation.path, cfg.data.problem_key, cfg.data.answer_key)
-    if env.main and cfg.optim.lr > 1e-2:
-        print(f"warning: optim.lr={cfg.optim.lr:g} is far above what RL fine-tuning uses (the paper: 1e-6); a run "
-              f"whose weights' norm grows {DIVERGED}-fold stops", flush=True)
     run = prepare(cfg, env, resuming)
     log = checkpoints.MetricsLog(cfg, run.start) if env.main else None
     pool = GraderPool()
@@ -351,9 +347,8 @@ def train(cfg: Config):
                 record["val_accuracy"] = validate(cfg, env, run.tokenizer, val_problems, sampler, grader)
             if log:
                 log.write(record)
-            if bar:
-                bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
-                bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", refresh=False)
+            bar.update(1)
             if skipped_in_a_row >= cfg.train.max_skipped_steps:  # before a checkpoint of the stuck weights
                 checkpoints.stop(cfg, f"{skipped_in_a_row} steps in a row were skipped for a non-finite loss or "
                                       f"gradient (train.max_skipped_steps): the weights have stopped moving")
@@ -365,14 +360,11 @@ def train(cfg: Config):
                                          or signum):
                 save(cfg, env, run, step + 1)
             if signum:
-                saved = f"step_{step + 1:06d} written" if cfg.checkpoint.every else "none written (checkpoint.every=0)"
-                raise checkpoints.RunStopped(f"stopped by {signal.Signals(signum).name} after step {step + 1}; checkpoint "
-                                             f"{saved}: the same command resumes the run")
+                stops.stopped(cfg, signum, step + 1)
     finally:
         stops.restore()
         pool.close()
-        if bar:
-            bar.close()
+        bar.close()
         if log:
             log.close()
     if env.main:

@@ -16,12 +16,24 @@ import numpy as np
 
 
 def progress_bar(total: int, name: str, initial: int, enabled: bool):
-    """A tqdm bar counting steps, or None when not `enabled` (train.py: rank 0 with log.progress_bar)."""
+    """A tqdm bar counting steps, or one that shows nothing when not `enabled` (train.py: rank 0 with
+    log.progress_bar)."""
     if not enabled:
-        return None
+        return _NoBar()
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=name, unit="step")
+
+
+class _NoBar:
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
 
 
 def run_summary(metrics_file: Path, window: int = 20) -> str:

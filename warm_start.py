@@ -56,11 +56,9 @@ def warm_start(cfg: Config, env: Env, policy: Qwen3, tokenizer, problems: list[d
         rng = random.Random(seed_for(cfg, step, env.rank, Purpose.WARM_START))
         lr = w.lr * min(1.0, (step + 1) / max(1, w.warmup_steps))
         loss = supervised_step(cfg, env, policy, optimizer, examples.batch(rng, w.batch_size // env.world), lr)
-        if bar:
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(1)
-    if bar:
-        bar.close()
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(1)
+    bar.close()
     return loss
 
 
