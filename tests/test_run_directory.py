@@ -306,3 +306,30 @@ def test_a_second_stop_signal_ends_the_run_at_once(assets, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_one_checkpoint(assets, tmp_path):
+    # torchrun forwards SIGTERM to each rank; the ranks agree on it after the step (all_reduce) and write
+    # one checkpoint of it together. Before, every rank died at once.
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             *command(assets, run_dir, "train.total_steps=1000", "checkpoint.every=1000")[1:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=child_env())
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    done = len(metrics.read_text().splitlines())
+    assert proc.returncode != 0
+    assert len(re.findall(r"^error: stopped by SIGTERM after step \d+; checkpoint step_\d+ written", err, re.M)) == 1
+    assert f"error: stopped by SIGTERM after step {done}; checkpoint step_{done:06d} written" in err
+    assert checkpoint_is_intact(run_dir / f"step_{done:06d}") and not (run_dir / ".lock").exists()
+    assert sorted(p.name for p in (run_dir / f"step_{done:06d}").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+
+
+def checkpoint_is_intact(directory: Path) -> bool:
+    import checkpoints
+
+    return checkpoints.damage(directory) is None
