@@ -289,9 +289,7 @@ def follow(cfg: Config, directory: Path | None):
         print(f"checkpoint: {d.name} is after {directory.name}, the resumed one: set aside as {_set_aside(d).name}",
               flush=True)
     if directory.parent.resolve() == root.resolve():
-        latest = root / "latest.tmp"
-        latest.write_text(directory.name + "\n")
-        os.replace(latest, root / "latest")
+        _point_latest(root, directory.name)
 
 
 def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[str, list]:
@@ -317,14 +315,26 @@ def config_changes(cfg: Config, directory: Path, verbose: bool = False) -> dict[
     return experiment
 
 
+def _aside(path: Path) -> Path:
+    """The first free <name>.set-aside-K beside `path`."""
+    k = 1
+    while path.with_name(f"{path.name}.set-aside-{k}").exists():
+        k += 1
+    return path.with_name(f"{path.name}.set-aside-{k}")
+
+
 def _set_aside(directory: Path) -> Path:
     """Rename `directory` to the first free <name>.set-aside-K and return the new path. Rank 0 only."""
-    k = 1
-    while directory.with_name(f"{directory.name}.set-aside-{k}").exists():
-        k += 1
-    aside = directory.with_name(f"{directory.name}.set-aside-{k}")
+    aside = _aside(directory)
     os.rename(directory, aside)
     return aside
+
+
+def _point_latest(root: Path, name: str):
+    """Replace root/latest atomically with `name`. Rank 0 only."""
+    latest = root / "latest.tmp"
+    latest.write_text(name + "\n")
+    os.replace(latest, root / "latest")
 
 
 def save(cfg: Config, rank: int, step: int, policy, optimizer, scheduler, actor, tokenizer, extra: dict):
@@ -354,9 +364,7 @@ def save(cfg: Config, rank: int, step: int, policy, optimizer, scheduler, actor,
         if final.exists():  # a damaged checkpoint skipped at resume, or one after checkpoint.resume_from
             print(f"checkpoint: {final.name} already exists; set aside as {_set_aside(final).name}", flush=True)
         os.rename(tmp, final)
-        latest = root / "latest.tmp"
-        latest.write_text(final.name + "\n")
-        os.replace(latest, root / "latest")
+        _point_latest(root, final.name)
         for old in sorted(d for d in root.glob("step_*") if STEP_NAME.fullmatch(d.name))[:-cfg.checkpoint.keep]:
             shutil.rmtree(old)
     dist.barrier()
@@ -403,10 +411,7 @@ def truncate_metrics(file: Path, step: int):
         except json.JSONDecodeError:
             moved.append(line)
     if moved:
-        k = 1
-        while file.with_name(f"{file.name}.set-aside-{k}").exists():
-            k += 1
-        file.with_name(f"{file.name}.set-aside-{k}").write_text("".join(line + "\n" for line in moved))
+        _aside(file).write_text("".join(line + "\n" for line in moved))
     tmp = file.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, file)

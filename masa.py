@@ -191,13 +191,14 @@ def sampler_gap(episodes: list[Episode], logprobs: torch.Tensor, mask: torch.Ten
     float64, on logprobs' device: no host sync). exp(d) - d - 1 estimates the KL between the two
     distributions (the k3 estimator, the sampler's as the reference). The two agree exactly only with the same weights, precision and kernels: with top-k or
     top-p the sampler's distribution is also renormalized, a gap by design."""
-    sampled = torch.zeros_like(logprobs, dtype=torch.float32)
-    counted = torch.zeros_like(mask)
+    sampled = torch.zeros(logprobs.shape, dtype=torch.float32)  # built on the host, copied once
+    carried = torch.zeros(logprobs.shape[0], 1)
     for i, e in enumerate(episodes):
         if e.sampled_logprobs and len(e.sampled_logprobs) == len(e.response_ids):
             start = len(e.prompt_ids) - 1
             sampled[i, start:start + len(e.response_ids)] = torch.tensor(e.sampled_logprobs)
-            counted[i] = mask[i]
+            carried[i] = 1
+    sampled, counted = sampled.to(logprobs.device), mask * carried.to(mask.device)
     d = torch.where(counted > 0, logprobs.detach().float() - sampled, 0.0).double()
     total[:3] += torch.stack([d.abs().sum(), (torch.exp(d) - d - 1).sum(), counted.sum().double()])
     total[3] = torch.maximum(total[3], d.abs().max())

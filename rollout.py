@@ -59,6 +59,7 @@ import torch
 
 import masa_kernels
 from model import PagedKVCache, Qwen3
+from training_report import progress_bar
 
 
 
@@ -520,7 +521,7 @@ class _Engine:
         self.counters = EngineStats()
         # EngineStats' position counts, summed on the device from what attention is given
         self.kv_read, self.kv_live = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
-        self.bar = _progress_bar(sum(counts), progress)
+        self.bar = progress_bar(sum(counts), "rollouts", 0, progress, unit="seq")
         self.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
 
     def pool_blocks(self, kv_tokens: int | None, lanes: int, longest: int, prompt_tokens: int) -> int:
@@ -730,22 +731,3 @@ class EngineStats:
         self.rows_decoded += rows
         self.live_sequences += len(live_lengths)
         self.peak_live_sequences = max(self.peak_live_sequences, len(live_lengths))
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="rollouts", unit="seq")

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 
-def progress_bar(total: int, name: str, initial: int, enabled: bool):
-    """A tqdm bar counting steps, or one that shows nothing when not `enabled` (train.py: rank 0 with
-    log.progress_bar)."""
+def progress_bar(total: int, name: str, initial: int, enabled: bool, unit: str = "step"):
+    """A tqdm bar counting `unit`s, or one that shows nothing when not `enabled` (train.py: rank 0 with
+    log.progress_bar; rollout.generate: its `progress` argument)."""
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=name, unit="step")
+    return tqdm(total=total, initial=initial, desc=name, unit=unit)
 
 
 class _NoBar:
