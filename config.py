@@ -107,9 +107,9 @@ class OptimConfig:
     lr: float = 1e-6  # AdamW
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
-    warmup_steps: int = 20  # linear warmup, then constant
-    warmup_from_zero: bool = False  # optimizer step s (from 0) gets lr x min(1, (s + 1) / warmup_steps) (here); true:
-    #                                 lr x min(1, s / warmup_steps), so the first step has lr 0 (released code)
+    warmup_steps: int = 20  # batches of linear warmup, then constant (every optimizer step of a batch: one rate)
+    warmup_from_zero: bool = False  # batch s (from 0) gets lr x min(1, (s + 1) / warmup_steps) (here); true:
+    #                                 lr x min(1, s / warmup_steps), so the first batch has lr 0 (released code)
     grad_clip: float = 1.0  # global gradient-norm clip
 
 

@@ -91,8 +91,8 @@ def tensors(batch: list[Episode], device):
 def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes: list[Episode],
            reference: Qwen3 | None = None) -> dict:
     """Stage 10: one optimizer step per mini-batch per PPO epoch (1 x 1 in the paper) over the
-    episodes in the loss; an episode's mini-batch is picked by its prompt's global index, the same on
-    any number of ranks. `reference` is the frozen initial policy, needed only for a KL term."""
+    episodes in the loss, then one step of the learning-rate schedule; an episode's mini-batch is
+    picked by its prompt's global index, the same on any number of ranks. `reference` is the frozen initial policy, needed only for a KL term."""
     temperature = cfg.rollout.temperature or 1.0
     sequences = [e for e in episodes if e.in_loss]
     # masa.sampler_gap over the first forward, before any update: the old pass, or the one optimizer step
@@ -112,8 +112,9 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes:
         parts = [[s for s in sequences if s.prompt_index % cfg.train.mini_batches == i]
                  for i in range(cfg.train.mini_batches)]
         for part in parts:
-            steps.append(_optimizer_step(cfg, env, policy, optimizer, scheduler, part, old, temperature, reference,
+            steps.append(_optimizer_step(cfg, env, policy, optimizer, part, old, temperature, reference,
                                          gap if old is None else None))  # old is None: one step
+    scheduler.step()  # once per batch: its optimizer steps share one rate (optim.warmup_steps counts batches)
     # one record per batch: token sums over the optimizer steps, token-weighted means, mean grad norm
     seen = sum(s["trained_tokens"] for s in steps)
     out = {"loss": sum(s["loss"] for s in steps), "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
@@ -129,7 +130,7 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes:
     return out
 
 
-def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temperature, reference, gap) -> dict:
+def _optimizer_step(cfg, env, policy, optimizer, sequences, old, temperature, reference, gap) -> dict:
     tokens, count = all_reduce([sum(len(s.response_ids) for s in sequences), len(sequences)], env)
     scale = masa.LossScale(tokens=max(tokens, 1), sequences=max(int(count), 1),
                            max_response_tokens=cfg.rollout.max_response_tokens)
@@ -161,7 +162,6 @@ def _optimizer_step(cfg, env, policy, optimizer, scheduler, sequences, old, temp
     loss, seen, clipped, ratio, entropy, kl = all_reduce(sums.tolist(), env)  # the step's one read of them
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     grad_norm, skipped = apply_gradients(cfg, policy, optimizer, loss)
-    scheduler.step()
     mean = (lambda total: total / seen) if seen else (lambda total: float("nan"))  # nothing trained: unmeasured
     return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped, "lr": lr, "clip_fraction": mean(clipped),
             "ratio_mean": mean(ratio), "entropy": mean(entropy), "kl": mean(kl), "trained_tokens": seen,
@@ -241,9 +241,7 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     reference = None
     if cfg.loss.kl_coef:
         reference = Qwen3.from_pretrained(model_path, dtype=low, device=env.device).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, cfg.optim))
+    optimizer, scheduler = optimizer_and_schedule(cfg, policy)
     run = Run(tokenizer, problems, policy, actor, reference, optimizer, scheduler)
     resumed = checkpoints.load(cfg, env.rank, policy, optimizer, scheduler, resuming)
     if resumed:
@@ -263,10 +261,18 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     return run
 
 
+def optimizer_and_schedule(cfg: Config, policy: Qwen3):
+    """AdamW over the policy's parameters and its learning-rate schedule (warmup_factor), which
+    `update` steps once per batch."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, cfg.optim))
+
+
 def warmup_factor(optim, step: int) -> float:
-    """The learning-rate factor of optimizer step `step` (from 0): linear warmup over
-    optim.warmup_steps, (step + 1) / warmup_steps, or step / warmup_steps with optim.warmup_from_zero
-    (the released code's: its first step has lr 0); 1 after the warmup."""
+    """The learning-rate factor of batch `step` (from 0; every optimizer step of a batch uses it):
+    linear warmup over optim.warmup_steps batches, (step + 1) / warmup_steps, or step / warmup_steps
+    with optim.warmup_from_zero (the released code's: its first batch has lr 0); 1 after the warmup."""
     if optim.warmup_steps == 0:
         return 1.0
     return min(1.0, (step + (0 if optim.warmup_from_zero else 1)) / optim.warmup_steps)

@@ -253,13 +253,37 @@ def test_the_released_warmup_starts_at_lr_zero(assets, tmp_path):
     assert [train.warmup_factor(optim, s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     optim.warmup_steps = 0
     assert train.warmup_factor(optim, 0) == 1.0
-    # a real run records the rate each optimizer step used: lr x s / 4 (two mini-batches, two steps a batch)
+    # a real run records each batch's rate: lr x s / 4, two optimizer steps a batch at one rate
     cfg = load_config(CONFIG, [f"model.path={assets / 'model'}", f"data.train_path={assets / 'problems.jsonl'}",
                                f"checkpoint.dir={tmp_path / 'run'}", "checkpoint.every=0", "optim.warmup_steps=4",
                                "optim.warmup_from_zero=true", "train.mini_batches=2", "train.total_steps=3"])
     train.train(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in records] == pytest.approx([0.0, 0.5e-3, 1e-3])  # each batch's first step
+    assert [r["lr"] for r in records] == pytest.approx([0.0, 0.25e-3, 0.5e-3])
+
+
+def test_the_released_config_runs_batch_1_at_lr_0_and_reaches_full_rate_at_batch_21(assets, one_process_group):
+    # verl steps the schedule once per RL batch, after the batch's optimizer steps (fsdp_workers.py:700-702,
+    # dp_actor.py:557), with the rate lr x min(1, s / 20) for batch s from 0 (torch_functional.py:602-605)
+    import parallel
+    import train
+    from config import load_config
+
+    cfg = load_config(ROOT / "configs" / "qwen3_8b_released.yaml", [f"model.path={assets / 'model'}", "model.dtype=float32"])
+    assert cfg.train.mini_batches == 2
+    policy = parallel.build_policy(cfg, one_process_group)
+    optimizer, scheduler = train.optimizer_and_schedule(cfg, policy)
+    rates = []  # the rate of every optimizer step, as AdamW takes it
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+    episodes = [Episode(i, "solution", [1, 2, 3], [4 + i, 5], advantage=1.0 - 2 * i) for i in range(2)]  # 2 mini-batches
+    before = [p.full_tensor().clone() for p in policy.parameters()]
+    for batch in range(1, 22):
+        train.update(cfg, one_process_group, policy, optimizer, scheduler, episodes)
+        if batch == 1:
+            assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, policy.parameters()))
+    released = [1e-6 * min(1.0, (batch - 1) / 20) for batch in range(1, 22) for _ in range(2)]
+    assert rates == pytest.approx(released, rel=1e-12, abs=0)
+    assert rates[:2] == [0.0, 0.0] and rates[-2:] == [1e-6, 1e-6] and rates[-3] < 1e-6
 
 
 def test_a_bfloat16_policy_computes_in_bf16_on_fp32_master_weights(assets, one_process_group):
