@@ -66,6 +66,8 @@ class RolloutConfig:
     slots: int = 0  # most sequences decoded at once per process (the sampler's lanes); 0: 256
     kv_tokens: int = 0  # positions the paged KV pool holds per process; 0: 60% of the free GPU memory
     cuda_graphs: bool = True  # decode through CUDA graphs on CUDA (false: eager); a CPU never uses them
+    stop_at_end_of_turn: bool = True  # also stop at <|im_end|> and <|endoftext|>; false: only at the model's
+    #                                   end-of-sequence id (generation_config.json), as the released code
 
 
 @dataclass
@@ -132,8 +134,11 @@ class PromptConfig:
     """User messages for both paths; the tokenizer's chat template wraps them."""
     solution: str = SOLUTION_TEMPLATE  # must contain {problem}
     meta: str = META_TEMPLATE  # must contain {problem}, {group_size} and {max_length}
-    hint: str = " Notions that may help: {notions}."  # appended to the solution prompt (efficient.hints)
+    meta_system: str = ""  # a system message before the meta prompt ("": none)
+    hint: str = " Notions that may help: {notions}."  # appended to the solution prompt (efficient.hints); {notions}:
+    #                                                  a, b; {notion_list}: ['a', 'b'] (a Python list)
     hint_length: str = " A correct solution takes about {length} tokens."  # then this, with efficient.hint_with_length
+    hint_separator: str = ""  # written between the solution prompt and a hint
 
 
 @dataclass
@@ -329,7 +334,7 @@ _RULES = [
 
 
 _PLACEHOLDERS = {"solution": ["{problem}"], "meta": ["{problem}", "{group_size}", "{max_length}"],
-                 "hint": ["{notions}"], "hint_length": ["{length}"]}
+                 "hint": ["{notions}|{notion_list}"], "hint_length": ["{length}"]}  # |: either
 
 
 def check(cfg: Config):
@@ -344,7 +349,8 @@ def check(cfg: Config):
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}")
     for name, needed in _PLACEHOLDERS.items():
-        missing = [p for p in needed if p not in getattr(cfg.prompt, name)]
+        text = getattr(cfg.prompt, name)
+        missing = [p.replace("|", " or ") for p in needed if not any(q in text for q in p.split("|"))]
         if missing:
             raise ConfigError(f"config key 'prompt.{name}' must contain {', '.join(missing)}")
 

@@ -21,6 +21,7 @@ solutions name their notions ("carry", "borrow"), with difficulty set by the num
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 import sys
@@ -197,19 +198,30 @@ def step_problems(problems: list[dict], cfg, step: int, rank: int, world: int) -
     return out
 
 
-def chat_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of one user message wrapped in the tokenizer's chat template, ready for the answer."""
-    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)
+def chat_ids(tokenizer, text: str, system: str = "") -> list[int]:
+    """Token ids of one user message (after a system message, if `system` is given) wrapped in the
+    tokenizer's chat template, ready for the answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(out if isinstance(out, list) else out["input_ids"])
 
 
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """End of text and end of turn: a response stops at either (Qwen3 base models end with the first,
-    chat-formatted answers with the second)."""
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(i, int) and i != tokenizer.unk_token_id:
-            ids.add(i)
+@functools.lru_cache(maxsize=8)
+def stop_token_ids(tokenizer, end_of_turn: bool = True) -> tuple[int, ...]:
+    """The ids a response stops at: the model's end of sequence, as vLLM (and so the released code)
+    reads it, the tokenizer's eos token and the eos_token_id of the generation_config.json beside the
+    tokenizer; with `end_of_turn` also end of text and end of turn, whatever the model names (Qwen3
+    base models end with the first, chat-formatted answers with the second)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(tokenizer.name_or_path, local_files_only=True).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids = {tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}
+    if end_of_turn:
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            i = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(i, int) and i != tokenizer.unk_token_id:
+                ids.add(i)
     return tuple(sorted(i for i in ids if i is not None))

@@ -115,8 +115,8 @@ def sample_problems(model, tokenizer, problems: list[dict], *, n: int, temperatu
     if meta and prompts:
         meta_params = SamplingParams(n=meta_n, temperature=temperature, top_p=top_p,
                                      max_new_tokens=meta_max_new_tokens, stop_token_ids=params.stop_token_ids)
-        meta_prompts = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], template.meta, n, max_new_tokens))
-                        for p in problems]
+        meta_prompts = [chat_ids(tokenizer, masa.meta_prompt(p["problem"], template.meta, n, max_new_tokens),
+                                 template.meta_system) for p in problems]
         meta_rollouts = generate(model, meta_prompts, meta_params, seed=seed + 1, streams=streams, slots=slots,
                                  graphs=graphs, progress=progress)
         for problem, record, rs in zip(problems, records, meta_rollouts):

@@ -255,17 +255,19 @@ def hint_predictions(predictions: list[MetaPrediction | None], generator: torch.
 MAX_HINT_NOTIONS, MAX_HINT_NOTION_CHARS = 8, 80  # a hint is model-written text put in a prompt: keep it short
 
 
-def hint_text(prediction: MetaPrediction, notions_template: str, length_template: str = "") -> str:
-    """The text a hint appends to the solution prompt: `notions_template` with {notions} (at most
-    MAX_HINT_NOTIONS, each cut to MAX_HINT_NOTION_CHARS), then `length_template` with {length} when given
-    and the prediction has a length."""
+def hint_text(prediction: MetaPrediction, templates, with_length: bool = False) -> str:
+    """The text a hint appends to the solution prompt, from the templates of config.PromptConfig:
+    hint_separator, then `hint` with the prediction's notions (at most MAX_HINT_NOTIONS, each cut to
+    MAX_HINT_NOTION_CHARS) as {notions} ("a, b") or {notion_list} ("['a', 'b']", a Python list, the
+    released code's form), then with `with_length` `hint_length` with its {length}; "" when the
+    prediction gives neither."""
     text = ""
     if prediction.notions:
         notions = [n[:MAX_HINT_NOTION_CHARS] for n in prediction.notions[:MAX_HINT_NOTIONS]]
-        text += notions_template.replace("{notions}", ", ".join(notions))
-    if length_template and prediction.solution_length is not None:
-        text += length_template.replace("{length}", str(prediction.solution_length))
-    return text
+        text += templates.hint.replace("{notions}", ", ".join(notions)).replace("{notion_list}", repr(notions))
+    if with_length and prediction.solution_length is not None:
+        text += templates.hint_length.replace("{length}", str(prediction.solution_length))
+    return templates.hint_separator + text if text else ""
 
 
 def select_expert(meta_scores: list[float], threshold: float) -> int | None:
@@ -332,10 +334,9 @@ def steer(prompts: list[Prompt], meta: list[Episode], efficient, step: int, grou
             prompt.budget = budget
     if efficient.hints and step >= hint_start_step(efficient):
         draws = group_size if efficient.hint_mode == "rollout" else 1
-        length_template = templates.hint_length if efficient.hint_with_length else ""
         for prompt, ps, hint_seed in zip(prompts, predictions, hint_seeds):
             drawn = hint_predictions(ps, torch.Generator().manual_seed(hint_seed), draws, efficient.hint_with_length)
-            prompt.hints = [hint_text(p, templates.hint, length_template) for p in drawn]
+            prompt.hints = [hint_text(p, templates, efficient.hint_with_length) for p in drawn]
 
 
 def score_solutions(solutions: list[Episode], cutoff_in_loss: bool = True):

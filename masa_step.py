@@ -162,7 +162,7 @@ def solution_prompt_ids(tokenizer, cfg: Config, problem: str, hint: str = "") ->
 def meta_prompt_ids(tokenizer, cfg: Config, problem: str) -> list[int]:
     """The meta prompt's token ids: it states the real G and the real response budget."""
     meta = masa.meta_prompt(problem, cfg.prompt.meta, cfg.rollout.group_size, cfg.rollout.max_response_tokens)
-    return chat_ids(tokenizer, meta)
+    return chat_ids(tokenizer, meta, cfg.prompt.meta_system)
 
 
 def prompts_fit(tokenizer, cfg: Config, problem: str) -> bool:
@@ -227,7 +227,8 @@ def solution_requests(prompts: list[Prompt], G: int) -> list[Request]:
 
 def sampling_params(cfg: Config, tokenizer) -> SamplingParams:
     return SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                          max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))
+                          max_new_tokens=cfg.rollout.max_response_tokens,
+                          stop_token_ids=stop_token_ids(tokenizer, cfg.rollout.stop_at_end_of_turn))
 
 
 def sample(cfg: Config, tokenizer, requests: list[Request], seed: int, sampler: Sampler) -> list[Episode]:
@@ -336,7 +337,8 @@ def validate(cfg: Config, env: Env, tokenizer, problems: list[dict], sampler: Sa
     own stream (its index), so the number of ranks changes no draw (rollout.py: and in float32 no token)."""
     mine, n = problems[env.rank::env.world], cfg.validation.samples
     params = SamplingParams(n=n, temperature=cfg.validation.temperature, top_p=cfg.validation.top_p,
-                            max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_token_ids(tokenizer))
+                            max_new_tokens=cfg.rollout.max_response_tokens,
+                            stop_token_ids=stop_token_ids(tokenizer, cfg.rollout.stop_at_end_of_turn))
     prompts = [solution_prompt_ids(tokenizer, cfg, p["problem"]) for p in mine]
     rollouts = sampler(prompts, params, seed=seed_for(cfg, 0, 0, Purpose.VALIDATION),
                        streams=list(range(env.rank, len(problems), env.world))) if prompts else []

@@ -41,27 +41,44 @@ def test_qwen3_8b_yaml_states_every_key_with_the_default_value():
     assert load_config(Path(__file__).parent.parent / "configs" / "qwen3_8b.yaml") == Config()
 
 
-def test_the_released_config_holds_every_override_of_the_readme_fidelity_table():
+def test_the_released_configs_hold_every_override_of_the_readme_fidelity_table():
     import re
 
     root = Path(__file__).parent.parent
     readme = (root / "README.md").read_text()
     table = readme.split("## Fidelity to the released code", 1)[1].split("\n## ", 1)[0]
     rows = [line.split("|") for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert [int(r[1]) for r in rows] == list(range(1, 15))  # all 14 differences, in order
-    overrides = [o for r in rows for o in re.findall(r"`([a-z_]+\.[a-z_]+=[^`]+)`", r[-2])]  # last column
-    assert len(overrides) >= 9
+    assert [int(r[1]) for r in rows] == list(range(1, 21))  # all 20 differences, in order
+    for r in rows:  # every row cites the released file and line it describes: path.ext:line
+        assert re.search(r"`[\w/.]+\.(py|sh):\d+|`mrt:\d+", "|".join(r[2:4])), r[1]
     released = load_config(root / "configs" / "qwen3_8b_released.yaml")
+    intent = load_config(root / "configs" / "qwen3_8b_released_intent.yaml")
     paper = load_config(root / "configs" / "qwen3_8b.yaml")
-    for override in overrides:
+    overrides = {"run": [], "intent": []}  # rows for code no released script switches on: the intent config only
+    for r in rows:
+        found = re.findall(r"`([a-z_]+\.[a-z_]+=[^`]+)`", r[-2])  # last column
+        overrides["intent" if "intent config" in r[-2] else "run"] += found
+    assert (len(overrides["run"]), len(overrides["intent"])) == (6, 5)
+    for override in overrides["run"] + overrides["intent"]:
         section, key = override.split("=")[0].split(".")
         wanted = getattr(getattr(load_config(None, [override]), section), key)
-        assert getattr(getattr(released, section), key) == wanted, override
-    # the released config otherwise keeps the paper run's settings, but for its run directory and algorithm
-    changed = {f"{s}.{k}" for s, values in to_dict(released).items() if isinstance(values, dict)
-               for k, v in values.items() if v != to_dict(paper)[s][k]}
-    named = {o.split("=")[0] for o in overrides} | {"efficient.hints", "efficient.behaviour_cloning", "checkpoint.dir"}
-    assert released.algorithm == "masa_efficient" and changed == named - {"efficient.cutoff"}
+        assert getattr(getattr(intent, section), key) == wanted, override
+        if override in overrides["run"]:
+            assert getattr(getattr(released, section), key) == wanted, override
+
+    def changes(cfg, base):
+        return {f"{s}.{k}" for s, values in to_dict(cfg).items() if isinstance(values, dict)
+                for k, v in values.items() if v != to_dict(base)[s][k]}
+
+    # the released config otherwise keeps the paper run's settings, but for its run directory; the
+    # intent config adds the hint and behaviour-cloning switches and the hint's wording (row 18)
+    named = {o.split("=")[0] for o in overrides["run"]} - {"efficient.cutoff"}
+    assert released.algorithm == "masa" and changes(released, paper) == named | {"checkpoint.dir"}
+    named = {o.split("=")[0] for o in overrides["intent"]} | {"efficient.hints", "efficient.behaviour_cloning"}
+    hint = {"prompt.hint", "prompt.hint_length", "prompt.hint_separator"}
+    assert intent.algorithm == "masa_efficient" and changes(intent, released) == named | hint | {"checkpoint.dir"}
+    # the switches of rows 16 and 17, as the released code sets them
+    assert (released.rollout.stop_at_end_of_turn, released.prompt.meta_system) == (False, "You are a helpful assistant.")
 
 
 def numeric_keys():

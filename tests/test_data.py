@@ -79,3 +79,38 @@ def test_an_uninformative_meta_response_fits_the_demo_budget_and_parses(tmp_path
         text = uninformative_meta_target(rng, G, budget, ARITHMETIC_NOTIONS)
         assert len(tokenizer.encode(text, add_special_tokens=False)) + 1 <= budget  # + end of turn
         assert parse_meta(text, G, budget) is not None
+
+
+def test_a_system_message_goes_before_the_user_message_in_the_chat_template(tmp_path):
+    from data import chat_ids
+
+    tokenizer = build_char_tokenizer(tmp_path / "tok")
+    expected = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n7+5<|im_end|>\n" \
+               "<|im_start|>assistant\n"  # ChatML, as masa_rl_dataset.py:312-314 builds the meta prompt
+    assert chat_ids(tokenizer, "7+5", "You are a helpful assistant.") == tokenizer.encode(expected)
+    assert tokenizer.decode(chat_ids(tokenizer, "7+5")) == "<|im_start|>user\n7+5<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_responses_stop_at_the_models_end_of_sequence_and_by_default_at_end_of_turn_too(tmp_path):
+    # vLLM, and so the released code (its SamplingParams name no stop tokens: vllm_rollout_spmd.py:191-205),
+    # stops at the tokenizer's eos token and generation_config.json's eos_token_id; a base model names
+    # <|endoftext|> there and its chat-formatted answers end with <|im_end|>
+    import json
+
+    from transformers import AutoTokenizer
+
+    from data import stop_token_ids
+
+    build_char_tokenizer(tmp_path / "tok").save_pretrained(tmp_path / "base")
+    base = AutoTokenizer.from_pretrained(tmp_path / "base", eos_token="<|endoftext|>")
+    base.save_pretrained(tmp_path / "base")
+    end_of_text, end_of_turn, start = base.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
+    base = AutoTokenizer.from_pretrained(tmp_path / "base")
+    assert base.eos_token_id == end_of_text
+    assert stop_token_ids(base, end_of_turn=False) == (end_of_text,)
+    assert stop_token_ids(base) == tuple(sorted((end_of_text, end_of_turn)))
+    # an eos id named only by generation_config.json stops a response too (a list of them, here)
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, start]}))
+    base = AutoTokenizer.from_pretrained(tmp_path / "base")
+    assert stop_token_ids(base, end_of_turn=False) == tuple(sorted((end_of_text, start)))
+    assert stop_token_ids(base) == tuple(sorted((end_of_text, end_of_turn, start)))

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import child_env, make_tiny_checkpoint
 from data import load_problems
+from model import Qwen3
 from eval import main, markdown, pass_at_k, spearman, summarize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -159,6 +160,26 @@ def test_bad_arguments_stop_eval_before_any_sampling(tiny, tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         main(args)
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_meta_prompt_carries_the_training_configs_system_message(tiny, monkeypatch):
+    # prompt.meta_system (the released code's "You are a helpful assistant.") reaches eval's meta prompts
+    from transformers import AutoTokenizer
+
+    import eval as evaluation
+    from config import PromptConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    model = Qwen3.from_pretrained(tiny / "model")
+    sent, real = [], evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda m, prompts, params, **kw: (
+        sent.append([tokenizer.decode(p) for p in prompts]) or real(m, prompts, params, **kw)))
+    evaluation.sample_problems(model, tokenizer, [{"problem": "What is 1+1?", "answer": "2"}], n=1, temperature=1.0,
+                               top_p=1.0, max_new_tokens=4, meta=True, meta_n=1, meta_max_new_tokens=4,
+                               template=PromptConfig(meta_system="You are a helpful assistant."))
+    solution, meta = sent
+    assert solution[0].startswith("<|im_start|>user\nWhat is 1+1?")
+    assert meta[0].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
 
 
 def test_evaluate_is_the_command_as_a_function_with_keywords(tiny, tmp_path):

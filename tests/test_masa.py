@@ -5,6 +5,7 @@ import json
 import math
 import statistics
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from masa import (Episode, LossScale, Prompt, cutoff_budgets, expert_target, gat
                   hint_predictions, hint_text, meta_prompt, policy_loss, predicted_pass_rates, select_expert,
                   solution_prompt, steer, uninformative_meta_target)
 from meta_prediction import MetaPrediction, parse_meta
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------
 # The loss
@@ -231,11 +234,25 @@ def test_hint_text_with_and_without_the_length():
     cfg = Config()
     p = MetaPrediction(3, 250, ["modular arithmetic", "x" * 100] + [f"n{i}" for i in range(10)])
     notions = ", ".join(["modular arithmetic", "x" * 80] + [f"n{i}" for i in range(6)])  # 8 kept, 80 chars each
-    assert hint_text(p, cfg.prompt.hint) == f" Notions that may help: {notions}."
-    assert hint_text(p, cfg.prompt.hint, cfg.prompt.hint_length) == \
+    assert hint_text(p, cfg.prompt) == f" Notions that may help: {notions}."
+    assert hint_text(p, cfg.prompt, with_length=True) == \
         f" Notions that may help: {notions}. A correct solution takes about 250 tokens."
-    assert hint_text(MetaPrediction(3, 250, []), cfg.prompt.hint, cfg.prompt.hint_length) == \
+    assert hint_text(MetaPrediction(3, 250, []), cfg.prompt, with_length=True) == \
         " A correct solution takes about 250 tokens."
+    assert hint_text(MetaPrediction(3, None, []), cfg.prompt, with_length=True) == ""
+
+
+def test_the_released_configs_hint_is_the_released_text():
+    # masa_ray_trainer.py:290-300 appends "\n\n" and a sentence built with f-strings from the drawn JSON;
+    # the notions are the list itself, so Python writes its repr
+    intent = load_config(ROOT / "configs" / "qwen3_8b_released_intent.yaml")
+    problem = "Find x if 2x + 3 = 7."
+    for notions, length in ((["linear equation", "isolating a variable"], 180), (["Euler's theorem"], 95)):
+        released = f" The problem could be solved using following math notions: {notions}. "
+        released += f" The solution length in token level should be {length}."
+        hinted = solution_prompt(problem, intent.prompt.solution,
+                                 hint_text(MetaPrediction(4, length, notions), intent.prompt, with_length=True))
+        assert hinted == solution_prompt(problem, intent.prompt.solution) + "\n\n" + released
 
 
 def test_expert_is_the_best_meta_rollout_above_the_threshold():
@@ -301,7 +318,7 @@ def test_solution_prompt_with_and_without_a_hint():
     plain = solution_prompt("What is 2+2?", cfg.prompt.solution)
     assert plain == r"What is 2+2? Let's think step by step and output the final answer within \boxed{}."
     hinted = solution_prompt("What is 2+2?", cfg.prompt.solution,
-                             hint_text(MetaPrediction(1, None, ["addition", "carry"]), cfg.prompt.hint))
+                             hint_text(MetaPrediction(1, None, ["addition", "carry"]), cfg.prompt))
     assert hinted == plain + " Notions that may help: addition, carry."
 
 

@@ -66,7 +66,7 @@ class ScriptedSampler:
         first_samples = first_samples or [0] * len(prompts)
         texts = [self.tokenizer.decode(p) for p in prompts]
         self.calls.append({"prompts": texts, "counts": list(counts), "budgets": list(budgets),
-                           "first_samples": list(first_samples)})
+                           "first_samples": list(first_samples), "stop": params.stop_token_ids})
         return [[self.rollout(text, first + j, budget, params.max_new_tokens) for j in range(n)]
                 for text, n, budget, first in zip(texts, counts, budgets, first_samples)]
 
@@ -76,7 +76,7 @@ class ScriptedSampler:
         if so_far:
             text = CONTINUATIONS[so_far]
         else:
-            text = (META if user.startswith("<|im_start|>user\nDo not solve") else SOLUTIONS)[key][j]
+            text = (META if "<|im_start|>user\nDo not solve" in user else SOLUTIONS)[key][j]
         ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
         limit = min(budget or max_new, max_new)
         if len(ids) > limit:
@@ -230,7 +230,8 @@ def test_step_metrics(step, one_process_group):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The released code's switches (configs/qwen3_8b_released.yaml) on the same script
+# The released code's switches (configs/qwen3_8b_released.yaml and, for hints and behaviour cloning,
+# qwen3_8b_released_intent.yaml) on the same script
 
 RELEASED = ["efficient.hint_mode=rollout", "efficient.hint_with_length=true", "efficient.cutoff_in_loss=false",
             "efficient.bc_select=notion", "efficient.bc_threshold=0.2"]
@@ -279,6 +280,22 @@ def test_cut_rollouts_out_of_the_loss_still_count_in_their_group(released):
     s1 = math.sqrt(1 / 3) + 1e-6  # the group's statistics are those of rewards [1, 0, 0, 1], as before
     assert [e.advantage for e in p1] == pytest.approx([0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1], abs=1e-6)
     assert all(e.in_loss for e in episodes(data, "solution", 2))  # nothing cut there
+
+
+def test_the_released_meta_prompt_has_a_system_message_and_responses_stop_only_at_end_of_sequence(
+        tmp_path_factory):
+    _, sampler, data = collect_scripted(tmp_path_factory, ["rollout.stop_at_end_of_turn=false",
+                                                           'prompt.meta_system="You are a helpful assistant."'])
+    meta, solutions = sampler.calls[:2]  # the meta path runs first (the script's efficient settings steer)
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nDo not solve"
+    assert all(p.startswith(system) for p in meta["prompts"])  # masa_rl_dataset.py:312
+    assert solutions["prompts"] and not any("system" in p for p in solutions["prompts"])  # the solution prompt: none
+    assert meta["stop"] == solutions["stop"] == (sampler.tokenizer.eos_token_id,)  # the char tokenizer's: <|im_end|>
+    assert all(sampler.tokenizer.decode(e.prompt_ids).startswith(system) for e in data.episodes if e.path == "meta")
+    # the defaults: no system message, end of text stops a response too
+    _, sampler, _ = collect_scripted(tmp_path_factory, [])
+    assert sampler.calls[0]["prompts"][0].startswith("<|im_start|>user\nDo not solve")
+    assert set(sampler.calls[0]["stop"]) == set(sampler.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
 
 
 def test_hints_can_start_before_gating_and_cutoff(tmp_path_factory):

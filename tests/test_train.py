@@ -3,7 +3,6 @@ transformers loads, resuming continues exactly, and 2 processes make the same up
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
