@@ -45,10 +45,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["file", "arithmetic"] = "file"  # arithmetic: data.arithmetic_problems (the CPU demo)
+    source: Literal["file", "arithmetic", "multiplication"] = "file"  # generated: data.arithmetic_problems (the
+    #                                                      CPU demo), data.multiplication_problems (the long task)
     train_path: str = "data/deepscaler.jsonl"  # JSONL or parquet of training problems (source: file)
-    arithmetic_count: int = 4000  # problems generated when source: arithmetic
-    arithmetic_digits: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # difficulties
+    arithmetic_count: int = 4000  # problems generated when source is arithmetic or multiplication
+    arithmetic_digits: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # difficulties: digits of the operands
+    multiplier_digits: list[int] = field(default_factory=lambda: [1, 2])  # multiplication: digits of the multiplier
     problem_key: str = "problem"  # field holding the problem text
     answer_key: str = "answer"  # field holding the gold answer
     shuffle: bool = True  # reshuffle the training problems every epoch
@@ -294,6 +296,8 @@ _RULES = [
     ("warm_start.lr", lambda v: v > 0, "positive"),
     ("warm_start.warmup_steps", lambda v: v >= 0, "at least 0"),
     ("data.arithmetic_digits", lambda v: len(v) > 0 and all(1 <= d <= 20 for d in v),
+     "a non-empty list of digit counts from 1 to 20"),
+    ("data.multiplier_digits", lambda v: len(v) > 0 and all(1 <= d <= 20 for d in v),
      "a non-empty list of digit counts from 1 to 20"),
     ("warm_start.batch_size", lambda v: v >= 1, "at least 1"),
     ("warm_start.meta_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),

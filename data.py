@@ -80,11 +80,11 @@ def load_problems(path: str | Path, problem_key: str = "problem", answer_key: st
 
 def training_problems(cfg, fits, verbose: bool = True) -> list[dict]:
     """The problems a run trains on (cfg: config.Config): generated with the run's seed for
-    data.source: arithmetic (the CPU demo), else read from data.train_path; those whose prompts do not
+    data.source: arithmetic (the CPU demo) or multiplication, else read from data.train_path; those whose prompts do not
     fit rollout.max_prompt_tokens (`fits(problem text)` is False: masa_step.prompts_fit) are dropped,
     with a note."""
-    if cfg.data.source == "arithmetic":
-        problems = arithmetic_problems(cfg.data.arithmetic_count, cfg.train.seed, tuple(cfg.data.arithmetic_digits))
+    if cfg.data.source != "file":
+        problems = synthetic_problems(cfg.data, cfg.data.arithmetic_count, cfg.train.seed)
     else:
         problems = load_problems(cfg.data.train_path, cfg.data.problem_key, cfg.data.answer_key)
     kept = [p for p in problems if fits(p["problem"])]
@@ -175,11 +175,70 @@ def arithmetic_problems(count: int, seed: int, digits: tuple[int, ...] = (1, 2, 
     return rows
 
 
-def arithmetic_held_out(count: int, seed: int, training: list[dict], digits: tuple[int, ...] = (1, 2, 3, 4)) -> list[dict]:
-    """`count` problems drawn with `seed` none of which is in `training` (compared as text). One-digit
-    problems rarely survive: there are only 155 of them and a few thousand training problems hold all."""
+# The long task (bench/efficiency.py): column multiplication, whose written-out solutions are several
+# times longer than a meta response and whose difficulty (the digit counts) is visible in the problem,
+# so that predictive gating and early cutoff have something to save, as at the paper's scale.
+MULTIPLICATION_NOTIONS = ["carry", "partial"]
+MULTIPLICATION_WORDS = [*MULTIPLICATION_NOTIONS, *ARITHMETIC_WORDS[2:]]
+
+
+def multiplication_solution(a: int, b: int) -> str:
+    """Long multiplication, one line per digit product, right to left: `7*4+2=30carry3` (a digit of a,
+    the digit of b, the carry in, their total, the carry out). A multiplier of several digits writes
+    each shifted partial product (`partial860`) and then adds them column by column as
+    arithmetic_solution does (two partials; more are added into a running sum). Then the boxed answer."""
+    lines, total = [], 0
+    for j, y in enumerate(map(int, str(b)[::-1])):
+        carry, digits = 0, ""
+        for x in map(int, str(a)[::-1]):
+            t = x * y + carry
+            lines.append(f"{x}*{y}+{carry}={t}carry{t // 10}")
+            carry, digits = t // 10, str(t % 10) + digits
+        partial = int(str(carry) + digits) * 10 ** j
+        if len(str(b)) > 1:
+            lines.append(f"partial{partial}")
+            if j:
+                lines += arithmetic_solution(total, partial, "+").splitlines()[:-1]
+        total += partial
+    assert total == a * b
+    return "\n".join(lines) + f"\n\\boxed{{{a * b}}}"
+
+
+def multiplication_problems(count: int, seed: int, digits: tuple[int, ...] = (1, 2, 3),
+                            multiplier_digits: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """`count` problems "a*b", a of d digits and b of e, spread evenly over every (d, e) of `digits` x
+    `multiplier_digits`; difficulty "dxe". Rows like arithmetic_problems'."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = [(d, e) for e in multiplier_digits for d in digits]
+    rows = []
+    for i in range(count):
+        d, e = pairs[i % len(pairs)]
+        a, b = (rng.randint(1 if n == 1 else 10 ** (n - 1), 10 ** n - 1) for n in (d, e))
+        rows.append({"id": f"mul-{seed}-{i}", "problem": f"{a}*{b}", "answer": str(a * b),
+                     "solution": multiplication_solution(a, b), "difficulty": f"{d}x{e}"})
+    return rows
+
+
+# Per generated task: the words its tokenizer keeps whole, and the notions its solutions name.
+TASK_WORDS = {"arithmetic": ARITHMETIC_WORDS, "multiplication": MULTIPLICATION_WORDS}
+TASK_NOTIONS = {"arithmetic": ARITHMETIC_NOTIONS, "multiplication": MULTIPLICATION_NOTIONS}
+
+
+def synthetic_problems(data, count: int, seed: int) -> list[dict]:
+    """`count` generated problems of data.source (data: config.DataConfig): arithmetic or multiplication."""
+    if data.source == "multiplication":
+        return multiplication_problems(count, seed, tuple(data.arithmetic_digits), tuple(data.multiplier_digits))
+    return arithmetic_problems(count, seed, tuple(data.arithmetic_digits))
+
+
+def held_out_problems(data, count: int, seed: int, training: list[dict]) -> list[dict]:
+    """`count` problems of data.source drawn with `seed`, none of which is in `training` (compared as
+    text). One-digit arithmetic problems rarely survive: there are only 155 of them and a few thousand
+    training problems hold all."""
     seen = {p["problem"] for p in training}
-    fresh = [p for p in arithmetic_problems(4 * count, seed, digits) if p["problem"] not in seen]
+    fresh = [p for p in synthetic_problems(data, 4 * count, seed) if p["problem"] not in seen]
     if len(fresh) < count:
         raise DataError(f"only {len(fresh)} of {4 * count} drawn problems are new: lower the count or add digits")
     return fresh[:count]

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from config import Config
-from data import ARITHMETIC_NOTIONS, ARITHMETIC_WORDS, DataError, build_char_tokenizer
+from data import TASK_NOTIONS, TASK_WORDS, DataError, build_char_tokenizer
 from masa import uninformative_meta_target
 from masa_step import Purpose, meta_prompt_ids, seed_for, solution_prompt_ids
 from model import PRESETS, Qwen3
@@ -37,7 +37,7 @@ def initial_model(cfg: Config, rank: int) -> str:
         return cfg.model.path
     path = Path(cfg.checkpoint.dir) / "initial"
     if rank == 0 and not (path / "config.json").is_file():
-        tokenizer = build_char_tokenizer(path, words=ARITHMETIC_WORDS)
+        tokenizer = build_char_tokenizer(path, words=TASK_WORDS.get(cfg.data.source, TASK_WORDS["arithmetic"]))
         torch.manual_seed(cfg.train.seed)
         Qwen3(replace(PRESETS[cfg.model.preset], vocab_size=len(tokenizer))).save_pretrained(path)
     dist.barrier()
@@ -88,6 +88,6 @@ class Examples:
         solution_prompt, solution, meta = self.encoded[i]
         if rng.random() < cfg.warm_start.meta_fraction:
             target = uninformative_meta_target(rng, cfg.rollout.group_size, cfg.rollout.max_response_tokens,
-                                               ARITHMETIC_NOTIONS)
+                                               TASK_NOTIONS.get(cfg.data.source, TASK_NOTIONS["arithmetic"]))
             return meta, tokenizer.encode(target, add_special_tokens=False) + [eos]
         return solution_prompt, solution

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
-from data import arithmetic_held_out, arithmetic_problems  # noqa: E402
+from data import held_out_problems, synthetic_problems  # noqa: E402
 from eval import sample_problems, spearman, summarize  # noqa: E402
 from model import Qwen3  # noqa: E402
 from rewards import GraderPool  # noqa: E402
@@ -52,9 +52,8 @@ HELD_OUT_SEED = 1_000_003  # added to the run's seed; train.py draws training pr
 
 
 def held_out(cfg, count: int, seed: int) -> list[dict]:
-    digits = tuple(cfg.data.arithmetic_digits)
-    return arithmetic_held_out(count, HELD_OUT_SEED + seed, arithmetic_problems(cfg.data.arithmetic_count, seed, digits),
-                               digits)
+    training = synthetic_problems(cfg.data, cfg.data.arithmetic_count, seed)  # what train.py draws with this seed
+    return held_out_problems(cfg.data, count, HELD_OUT_SEED + seed, training)
 
 
 def evaluate(model_dir: Path, problems: list[dict], args, pool) -> dict:

@@ -114,3 +114,50 @@ def test_responses_stop_at_the_models_end_of_sequence_and_by_default_at_end_of_t
     base = AutoTokenizer.from_pretrained(tmp_path / "base")
     assert stop_token_ids(base, end_of_turn=False) == tuple(sorted((end_of_text, start)))
     assert stop_token_ids(base) == tuple(sorted((end_of_text, end_of_turn, start)))
+
+
+def test_long_multiplication_is_right_line_by_line_and_by_the_grader():
+    import re
+
+    from data import MULTIPLICATION_WORDS, multiplication_problems, multiplication_solution
+
+    assert multiplication_solution(987, 65).splitlines() == [
+        "7*5+0=35carry3", "8*5+3=43carry4", "9*5+4=49carry4", "partial4935",
+        "7*6+0=42carry4", "8*6+4=52carry5", "9*6+5=59carry5", "partial59220",
+        "5+0+0=5carry0", "3+2+0=5carry0", "9+2+0=11carry1", "4+9+1=14carry1", "0+5+1=6carry0", r"\boxed{64155}"]
+    rows = multiplication_problems(300, seed=5)
+    assert {r["difficulty"] for r in rows[:6]} == {"1x1", "2x1", "3x1", "1x2", "2x2", "3x2"}
+    for r in rows:
+        a, b = map(int, r["problem"].split("*"))
+        assert r["difficulty"] == f"{len(str(a))}x{len(str(b))}" and int(r["answer"]) == a * b
+        assert grade(r["solution"], r["answer"]) and not grade(r["solution"], str(a * b + 1))
+        for x, y, c, t, k in re.findall(r"^(\d)\*(\d)\+(\d)=(\d+)carry(\d)$", r["solution"], re.M):
+            assert int(x) * int(y) + int(c) == int(t) and int(k) == int(t) // 10
+        assert ("partial" in r["solution"]) == (b >= 10)
+    assert multiplication_problems(50, seed=5) == rows[:50]
+    assert "partial" in MULTIPLICATION_WORDS and "carry" in MULTIPLICATION_WORDS
+
+
+def test_long_multiplication_solutions_are_several_times_longer_than_a_meta_response(tmp_path):
+    # the point of the long task (configs/tiny_multiply.yaml): what gating and cutoff save is large
+    # next to what the meta path costs
+    import random
+    import statistics
+
+    from config import load_config
+    from data import MULTIPLICATION_NOTIONS, MULTIPLICATION_WORDS, multiplication_problems
+    from masa import uninformative_meta_target
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_multiply.yaml")
+    tokenizer = build_char_tokenizer(tmp_path / "tok", words=MULTIPLICATION_WORDS)
+    length = lambda text: len(tokenizer.encode(text, add_special_tokens=False)) + 1  # noqa: E731 (the end token)
+    rng = random.Random(0)
+    meta = [length(uninformative_meta_target(rng, cfg.rollout.group_size, cfg.rollout.max_response_tokens,
+                                             MULTIPLICATION_NOTIONS)) for _ in range(200)]
+    rows = multiplication_problems(600, seed=0, digits=tuple(cfg.data.arithmetic_digits),
+                                   multiplier_digits=tuple(cfg.data.multiplier_digits))
+    solutions = {d: [length(r["solution"]) for r in rows if r["difficulty"] == d] for d in ("1x1", "3x2")}
+    assert statistics.median(meta) <= 35
+    assert statistics.median(solutions["3x2"]) >= 4 * statistics.median(meta)
+    assert max(solutions["3x2"]) < cfg.rollout.max_response_tokens  # the budget leaves room to run long
+    assert statistics.median(solutions["1x1"]) < statistics.median(meta)  # and lengths spread widely

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from config import load_config
-from data import arithmetic_held_out, arithmetic_problems
+from data import held_out_problems, synthetic_problems
 from eval import sample_problems, summarize
 from model import Qwen3
 from rewards import GraderPool
@@ -70,9 +70,8 @@ def test_masa_rl_improves_calibration_without_losing_accuracy(tmp_path):
                     f"train.total_steps={RL_STEPS}", f"checkpoint.dir={run}", f"checkpoint.every={RL_STEPS}",
                     "log.progress_bar=false"], check=True, capture_output=True, env=child_env(threads=2))
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    digits = tuple(cfg.data.arithmetic_digits)
-    problems = arithmetic_held_out(120, 1_000_003 + SEED, arithmetic_problems(cfg.data.arithmetic_count, SEED, digits),
-                                   digits)
+    training = synthetic_problems(cfg.data, cfg.data.arithmetic_count, SEED)
+    problems = held_out_problems(cfg.data, 120, 1_000_003 + SEED, training)
     with GraderPool() as pool:
         before = evaluate(run / "step_000000" / "model", problems, pool)
         after = evaluate(run / f"step_{RL_STEPS:06d}" / "model", problems, pool)
