@@ -132,8 +132,8 @@ def build_char_tokenizer(path: str | Path, characters: str | None = None, words:
 ARITHMETIC_NOTIONS = ["carry", "borrow"]
 # Single tokens of the demo's tokenizer: solutions stay short and notions stay visible, and a meta
 # response (`<meta></meta>` and its JSON object) takes about 32 tokens, well inside the response budget.
-ARITHMETIC_WORDS = [*ARITHMETIC_NOTIONS, "\\boxed{", "<meta>", "</meta>", '"math_notion"', '"pass_rate"',
-                    '"solution_length"']
+FORMAT_WORDS = ["\\boxed{", "<meta>", "</meta>", '"math_notion"', '"pass_rate"', '"solution_length"']
+ARITHMETIC_WORDS = [*ARITHMETIC_NOTIONS, *FORMAT_WORDS]
 
 
 def arithmetic_solution(a: int, b: int, op: str) -> str:
@@ -179,7 +179,7 @@ def arithmetic_problems(count: int, seed: int, digits: tuple[int, ...] = (1, 2, 
 # times longer than a meta response and whose difficulty (the digit counts) is visible in the problem,
 # so that predictive gating and early cutoff have something to save, as at the paper's scale.
 MULTIPLICATION_NOTIONS = ["carry", "partial"]
-MULTIPLICATION_WORDS = [*MULTIPLICATION_NOTIONS, *ARITHMETIC_WORDS[2:]]
+MULTIPLICATION_WORDS = [*MULTIPLICATION_NOTIONS, *FORMAT_WORDS]
 
 
 def multiplication_solution(a: int, b: int) -> str:
