@@ -130,8 +130,13 @@ def figure3(runs: list[Path]) -> dict[str, np.ndarray]:
                        "cutoff": (total("audit_cut_wrong").sum(), total("audit_cut").sum())}}
 
 
-def plot(curves: dict, fig3: dict, out: Path):
-    import matplotlib
+def plot(curves: dict, fig3: dict, out: Path) -> bool:
+    """Figure 4's three panels and Figure 3's precision curves as PNGs in `out`; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no figures (pip install matplotlib)")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,6 +169,7 @@ def plot(curves: dict, fig3: dict, out: Path):
     fig.suptitle("MASA-efficient on configs/tiny_multiply.yaml, pooled over seeds (audit every step)")
     fig.tight_layout()
     fig.savefig(out / "efficiency_fig3.png", dpi=110)
+    return True
 
 
 def report(curves: dict, fig3: dict) -> str:
@@ -231,9 +237,9 @@ def main():
             print(f"{method} seed {seed}: process {start['wall_seconds']:.0f} s, accuracy "
                   f"{' '.join(f'{a:.3f}' for a in curves[method][seed]['accuracy'])}", flush=True)
     fig3 = figure3([args.out / f"masa_efficient_seed{s}" for s in args.seeds])
-    plot(curves, fig3, args.out)
     print(report(curves, fig3))
-    print(f"figures: {args.out / 'efficiency_fig4.png'}, {args.out / 'efficiency_fig3.png'}")
+    if plot(curves, fig3, args.out):
+        print(f"figures: {args.out / 'efficiency_fig4.png'}, {args.out / 'efficiency_fig3.png'}")
 
 
 if __name__ == "__main__":
