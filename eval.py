@@ -8,8 +8,9 @@ pass rate and solution length (the paper's meta-awareness measurements, its Figu
     results = evaluate("runs/qwen3_8b_masa/step_000314/model", ["aime24"], n=32, meta=True, out="results")
                                                           # the same from Python: the options as keywords
 
-A benchmark is a name looked up as <data-dir>/<name>.jsonl (default ../shared/data/bench when it
-exists, else data/bench) or a path to a JSONL/parquet file with "problem" and "answer" fields.
+A benchmark is a name looked up as <data-dir>/<name>.jsonl (default data/bench, where
+`python prepare_data.py` writes the paper's benchmarks; this project's own machines fall back to
+../shared/data/bench) or a path to a JSONL/parquet file with "problem" and "answer" fields.
 For every benchmark it prints and writes (to --out): pass@1 (the mean over the n samples), pass@k
 by the unbiased estimator, the standard error of pass@1 across problems, the mean response length
 and the fraction of responses with no \\boxed{} answer; `samples/<benchmark>.json` holds every
@@ -46,9 +47,11 @@ import torch.distributed as dist
 import masa
 from config import PromptConfig, load_config
 from data import chat_ids, load_problems, stop_token_ids
+from hf_checkpoint import unavailable
 from meta_prediction import Outcome, meta_reward, parse_meta
 from model import Qwen3
 from parallel import setup_distributed
+from prepare_data import BENCH_DIR, command_for
 from rewards import GraderPool, grade_batch
 from rollout import SamplingParams, generate
 
@@ -236,8 +239,9 @@ def benchmark_label(name: str) -> str:
 
 
 def default_data_dir() -> Path:
+    """data/bench, where prepare_data.py writes; else this project's shared copy beside the repository."""
     shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "bench"
-    return shared if shared.is_dir() else Path("data/bench")
+    return shared if shared.is_dir() and not BENCH_DIR.is_dir() else BENCH_DIR
 
 
 # What a benchmark's results depend on: a rerun into the same --out must match these to reuse them.
@@ -352,11 +356,19 @@ def evaluate(model: str, benchmarks: list[str] | str, *, data_dir: str | Path | 
             raise ValueError(f"pass@{x} needs --n >= {x}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; --out names a directory for results.json, results.md and samples/")
-    missing = [f"{b} ({benchmark_file(b, data_dir)})" for b in names if not benchmark_file(b, data_dir).is_file()]
-    if missing or not names:
+    # every missing input in one message, each with what provides it, before anything loads or downloads
+    missing = [] if names else ["--benchmarks: none given"]
+    for b in names:
+        if not (path := benchmark_file(b, data_dir)).is_file():
+            command = command_for(path)
+            missing.append(f"benchmark {b}: {path} does not exist; " + (f"`{command}` writes it" if command else
+                           "give a name under --data-dir or a .jsonl/.parquet path"))
+    if why := unavailable(model):
+        missing.append(f"--model: {why}")
+    if missing:
         there = sorted(p.stem for p in data_dir.glob("*.jsonl")) if data_dir.is_dir() else []
-        raise ValueError(f"benchmark file not found: {', '.join(missing) or 'none given'}; benchmarks in {data_dir}: "
-                         f"{', '.join(there) or 'none'} (or give a .jsonl/.parquet path; --data-dir sets the folder)")
+        raise ValueError("cannot start:\n  " + "\n  ".join(missing) + f"\n(benchmarks in {data_dir}: "
+                         f"{', '.join(there) or 'none'}; --data-dir sets the folder)")
     labels = [benchmark_label(b) for b in names]
     if len(set(labels)) < len(labels):
         raise ValueError(f"two benchmarks would share a name in --out: {', '.join(labels)}")
@@ -364,8 +376,6 @@ def evaluate(model: str, benchmarks: list[str] | str, *, data_dir: str | Path | 
         problem_sets = {label: load_problems(benchmark_file(b, data_dir)) for b, label in zip(names, labels)}
     except OSError as e:
         raise ValueError(str(e)) from None
-    if not Path(model).is_dir() and (Path(model).exists() or str(model).count("/") != 1):
-        raise ValueError(f"--model {model} is neither a checkpoint directory nor a hub id (owner/name)")
     saved = Path(model).parent / "config.yaml"
     config_file = Path(config) if config else (saved if saved.is_file() else None)
     settings = {"model": str(model), "weights": checkpoint_fingerprint(model), "benchmarks": ",".join(names), "data_dir": str(data_dir), "n": n,

@@ -53,6 +53,43 @@ def resolve(path) -> Path:
                                 f"network, or download it yourself and pass the directory") from e
 
 
+def unavailable(path) -> str | None:
+    """Why checkpoint `path` cannot be loaded here, found without loading or downloading anything (for
+    the checks train.py and eval.py make before they start), or None: a local directory with a
+    config.json; a hub id whose config, weights and tokenizer are in the local cache; or a hub id that
+    will be downloaded (HF_HUB_OFFLINE unset; whether the hub can be reached is found by trying)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return None if (local / "config.json").is_file() else f"{local} holds no config.json: not a checkpoint directory"
+    if local.exists() or not _HUB_ID.match(str(path)):
+        return f"{str(path)!r} is neither a checkpoint directory nor a Hugging Face hub id (owner/name)"
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE or cached(str(path)):
+        return None
+    return (f"{path} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE forbids "
+            f"downloading it: run `hf download {path}` where there is network (it fills the same cache; copy it here "
+            f"if that is another machine), or point at a local directory with its config.json, *.safetensors and tokenizer")
+
+
+def cached(repo: str) -> Path | None:
+    """The snapshot of hub model `repo` in the local cache when it holds the config, every weight file and
+    a tokenizer; None otherwise. Never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    except Exception:  # not in the cache, or incomplete
+        return None
+    index = folder / "model.safetensors.index.json"
+    try:
+        weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    except (OSError, ValueError, KeyError):
+        return None
+    needed = ["config.json", "tokenizer_config.json", *weights]
+    return folder if all((folder / name).is_file() for name in needed) else None
+
+
 _CONFIG_TYPES = {**dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "num_key_value_heads", "head_dim",
                                   "max_position_embeddings"], "size"),

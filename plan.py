@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from config import Config, ConfigError
-from hf_checkpoint import read_config
+from hf_checkpoint import cached, read_config
 from model import PRESETS, Qwen3Config
 from rollout import BLOCK_SIZE, decode_graph_bytes, kv_bytes_per_position, kv_tokens_that_fit
 
@@ -30,13 +30,15 @@ GIB = 1024 ** 3
 
 def model_shape(cfg: Config) -> tuple[Qwen3Config, str]:
     """The model's Qwen3Config without loading or downloading weights: model.preset for init: random,
-    else the local checkpoint's config.json, else the preset named by a hub id such as
-    Qwen/Qwen3-8B-Base. Returns the config and where it came from."""
+    else the local checkpoint's config.json (or a hub id's, from the local cache), else the preset
+    named by a hub id such as Qwen/Qwen3-8B-Base. Returns the config and where it came from."""
     if cfg.model.init == "random":
         return PRESETS[cfg.model.preset], f"model.PRESETS[{cfg.model.preset!r}]"
     local = Path(cfg.model.path).expanduser()
     if (local / "config.json").is_file():
         return read_config(local, Qwen3Config)[0], str(local / "config.json")
+    if not local.exists() and (snapshot := cached(cfg.model.path)):  # a hub id in the local cache
+        return read_config(snapshot, Qwen3Config)[0], f"{cfg.model.path}'s config.json (cached)"
     size = re.search(r"Qwen3-(\d+(?:\.\d+)?B)", cfg.model.path)
     if size and size.group(1) in PRESETS:
         return PRESETS[size.group(1)], f"model.PRESETS[{size.group(1)!r}] (the shape of {cfg.model.path})"
@@ -67,7 +69,11 @@ MEAN_PROMPT = 256  # tokens of a math problem in the chat template (MATH, DeepSc
 RESPONSE_SHARE = 0.375  # mean response / budget: about 3k of 8k tokens for a reasoning model
 
 
-def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float, mean_response: float | None = None) -> dict:
+H100 = (3.35e12, 989e12)  # H100 SXM: HBM3 bytes/s, dense bf16 flop/s (NVIDIA's data sheet)
+
+
+def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float, mean_response: float | None = None,
+                gpu_speed: tuple[float, float] = H100) -> dict:
     """Per-GPU bytes of each thing a run of `cfg` on `gpus` GPUs holds, and the two peaks:
     rollouts (master weights, Adam state, the bf16 rollout copy(ies), the KV pool) and the update
     (the same minus the KV pool, plus gradients, gathered parameters in flight and activations).
@@ -114,6 +120,18 @@ def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float, mean_response: fl
     out["peak_rollout"] = resident + out["kv_pool"] + out["decode_graphs"]
     out["peak_update"] = resident + out["gradients"] + out["gathered"] + out["activations"]
     out["fits"] = max(out["peak_rollout"], out["peak_update"]) <= 0.9 * out["gpu_memory"] - GIB and out["one_sequence_fits"]
+    # A lower bound on a step's time on a GPU of `gpu_speed` (bytes/s, flop/s), at the concurrency above
+    # (bench/sampler.py --long-tail's arithmetic): every decode step reads the rollout copy's weights and
+    # every position the decoded sequences hold; the update runs forward, the forward again (activation
+    # checkpointing) and backward (twice a forward) at 2 flops per parameter per token, at peak rate.
+    bandwidth, flops = gpu_speed
+    out["gpu_speed"] = gpu_speed
+    concurrency = out["expected_concurrency"]
+    generated = out["sequences_per_gpu"] * response
+    read_per_step = s * P + concurrency * out["mean_held"] * out["kv_bytes_per_position"]
+    out["sampling_seconds"] = generated / concurrency * read_per_step / bandwidth if concurrency > 0 else float("inf")
+    passes = 4 if cfg.model.activation_checkpointing else 3
+    out["update_seconds"] = 2 * passes * P * out["sequences_per_gpu"] * (MEAN_PROMPT + response) / flops
     return out
 
 
@@ -141,6 +159,11 @@ def print_plan(cfg: Config, plan: dict):
     print(f"  {plan['sequences_per_gpu']} sequences per GPU per step; about {plan['expected_concurrency']:.0f} decoded "
           f"together if prompts average {MEAN_PROMPT} tokens and responses {plan['mean_response']:,.0f} (each holds "
           f"its prompt and, on average, half its response)")
+    bandwidth, flops = plan["gpu_speed"]
+    if plan["sampling_seconds"] < float("inf"):  # else nothing decodes: the verdict below says why
+        print(f"  a step takes at least {plan['sampling_seconds']:.0f} s sampling (each decode step reads the weights and the "
+              f"held KV at {bandwidth / 1e12:.2f} TB/s) + {plan['update_seconds']:.0f} s updating (forward, recomputed "
+              f"forward and backward at {flops / 1e12:.0f} TFLOP/s): a bound at peak rates, not a measurement")
     budget = 0.9 * plan["gpu_memory"] / GIB - 1
     verdict = "yes" if plan["fits"] else "NO: lower the peak that exceeds the budget (see the rows above)"
     print(f"fits: {verdict} (budget {budget:.1f} GiB: 90% of the GPU less 1 GiB for the CUDA context and "

@@ -43,11 +43,13 @@ import masa
 import masa_kernels
 from config import Config, ConfigError, load_config
 from data import DataError, load_problems, step_problems, training_problems
+from hf_checkpoint import resolve, unavailable
 from masa import Episode
 from masa_step import Expert, collect, prompts_fit, validate
 from model import Qwen3
 from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed, weight_norm
 from plan import GIB, check_sizes, memory_plan, print_plan
+from prepare_data import command_for
 from rewards import GraderPool, grade_batch
 from rollout import generate
 from training_report import plot_training, progress_bar, run_summary
@@ -233,6 +235,10 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     model_path = initial_model(cfg, env.rank)
+    if env.main:  # a hub id is downloaded once, by rank 0; the others find it in the cache
+        resolve(model_path)
+    dist.barrier()
+    model_path = str(resolve(model_path))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     problems = training_problems(cfg, partial(prompts_fit, tokenizer, cfg), verbose=env.main)
     low = getattr(torch, cfg.model.dtype)
@@ -381,6 +387,22 @@ def train(cfg: Config):
             print(f"training curves: {png}")
 
 
+def missing_inputs(cfg: Config) -> list[str]:
+    """Every input the run reads that is not there, each with the command or setting that provides it:
+    found before anything loads or downloads, so that one message names them all."""
+    files = [("data.train_path", cfg.data.train_path)] if cfg.data.source == "file" else []
+    files += [("validation.path", cfg.validation.path)] if cfg.validation.path else []
+    missing = []
+    for key, path in files:
+        if not Path(path).is_file():
+            command = command_for(path)
+            missing.append(f"{key}: {path} does not exist; " + (f"`{command}` writes it" if command else
+                           f"set {key} to a problem file (JSONL or parquet with \"problem\" and \"answer\")"))
+    if cfg.model.init == "pretrained" and (why := unavailable(cfg.model.path)):
+        missing.append(f"model.path: {why}")
+    return missing
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train with GRPO / MASA / MASA-efficient.")
     parser.add_argument("config", help="YAML file in configs/")
@@ -393,6 +415,8 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
         if args.plan:
             return print_plan(cfg, memory_plan(cfg, args.gpus, args.gpu_memory))
+        if missing := missing_inputs(cfg):
+            raise DataError("the run cannot start:\n  " + "\n  ".join(missing))
         train(cfg)
         dist.barrier()  # no rank tears the group down while rank 0 still writes its summary
     except (ConfigError, DataError, checkpoints.RunDirectoryError, checkpoints.RunStopped, OSError) as e:

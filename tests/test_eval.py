@@ -136,9 +136,9 @@ def eval_args(tiny, out, benchmarks="five.jsonl"):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"--benchmarks": "five,nosuchbench"}, r"benchmark file not found: nosuchbench .*benchmarks in .*: five"),
+    ({"--benchmarks": "five,nosuchbench"}, r"benchmark nosuchbench: .*nosuchbench.jsonl does not exist(.|\n)*benchmarks in .*: five"),
     ({"--out": "FILE"}, r"--out .* is a file"),
-    ({"--model": "no/such/checkpoint"}, r"--model no/such/checkpoint is neither a checkpoint directory nor a hub id"),
+    ({"--model": "no/such/checkpoint"}, r"--model: 'no/such/checkpoint' is neither a checkpoint directory nor a Hugging Face hub id"),
     ({"--k": "0"}, r"--k values must be at least 1"),
     ({"--n": "0"}, r"--n must be at least 1"),
     ({"--top-p": "0"}, r"--top-p in \(0, 1\]"),

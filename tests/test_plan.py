@@ -44,6 +44,20 @@ def test_8b_plan_matches_hand_computation():
     assert not memory_plan(load_config(CONFIGS / "qwen3_8b.yaml", ["model.activation_checkpointing=false"]), 8, 80)["fits"]
 
 
+def test_8b_step_time_bound_matches_hand_computation():
+    # On an H100 (3.35 TB/s, 989 TFLOP/s bf16). Sampling: 512 sequences x 3,072 tokens = 1,572,864 tokens
+    # in steps of 230,720 / 1,792 = 128.75 sequences, 12,216.4 decode steps, each reading the bf16
+    # weights (16,381,470,720 bytes) and 230,720 held positions x 147,456 bytes (the whole pool):
+    # 12,216.4 x 50,402,099,200 / 3.35e12 = 183.8 s. Update: 8 x P flops a token (forward, recomputed
+    # forward, backward) over 512 x (256 + 3,072) tokens: 8 x 8,190,735,360 x 1,703,936 / 989e12 = 112.9 s.
+    plan = memory_plan(load_config(CONFIGS / "qwen3_8b.yaml"), gpus=8, gpu_memory_gib=80)
+    assert plan["sampling_seconds"] == pytest.approx(1_572_864 / 128.75 * (16_381_470_720 + 230_720 * 147_456) / 3.35e12)
+    assert plan["sampling_seconds"] == pytest.approx(183.8, abs=0.05)
+    assert plan["update_seconds"] == pytest.approx(8 * 8_190_735_360 * 1_703_936 / 989e12) == pytest.approx(112.9, abs=0.05)
+    grpo = memory_plan(load_config(CONFIGS / "qwen3_8b_grpo.yaml"), gpus=8, gpu_memory_gib=80)
+    assert grpo["update_seconds"] == pytest.approx(plan["update_seconds"] / 2)  # no meta rollouts: half the tokens
+
+
 def _saved_bytes_per_token(config, dtype, checkpointing, rows=2, length=32) -> float:
     """Bytes of the tensors autograd saves in a training forward (parameters excluded), per token."""
     model = Qwen3(config, dtype=dtype)

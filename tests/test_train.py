@@ -666,7 +666,8 @@ def test_a_checkpoint_whose_state_file_would_run_code_is_refused_and_the_code_ne
 
 @pytest.mark.parametrize("mistake,message", [
     (["rollout.grup_size=4"], "error: unknown config key 'rollout.grup_size'; valid keys in section 'rollout'"),
-    (["data.train_path=/nonexistent/problems.jsonl"], "error: problem file '/nonexistent/problems.jsonl' not found"),
+    (["data.train_path=/nonexistent/problems.jsonl"], "error: the run cannot start:\n  data.train_path: "
+                                                      "/nonexistent/problems.jsonl does not exist; set data.train_path"),
     (["train.batch_size=3", "nproc=2"], "error: train.batch_size=3 must be a multiple of the 2 processes"),
     (["checkpoint.dir=FILE/run"], r"error: \[Errno 20\] Not a directory: .*FILE"),
 ])
