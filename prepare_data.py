@@ -95,7 +95,8 @@ class Source:
     name: str  # the file written: <train-dir>/<name>.jsonl for training data, <bench-dir>/<name>.jsonl for a benchmark
     title: str
     repo: str  # the Hugging Face dataset id
-    files: tuple[str, ...]  # patterns (the hub's: `*` spans folders) of the files that hold the split, read in this order
+    files: tuple[str, ...]  # the files that hold the split, read in this order: each a pattern (`*` spans folders),
+    #                         or alternatives "a|b", the first that matches taken (a repository may switch formats)
     rows: int  # the split's known size: the converted file must have exactly this many rows
     convert: Callable[[dict, int], dict]  # (a source row, its index) -> {"problem", "answer", ...}
     licence: str
@@ -110,14 +111,14 @@ SOURCES = {s.name: s for s in [
            _problem_answer("problem", "solution", "url"), "none stated"),
     Source("aime25", "AIME 2025 (I and II)", "opencompass/AIME2025", ("aime2025-I.jsonl", "aime2025-II.jsonl"), 30,
            _problem_answer("question"), "MIT"),
-    Source("amc23", "AMC 2023", "math-ai/amc23", ("test.jsonl",), 40,
-           _problem_answer("question", "url"), "none stated"),
+    Source("amc23", "AMC 2023", "math-ai/amc23", ("test-*.parquet|test.jsonl",), 40,
+           _problem_answer("question", "url"), "see its card"),
     Source("math500", "MATH-500", "HuggingFaceH4/MATH-500", ("test.jsonl",), 500,
            _problem_answer("problem", "solution", "subject", "level", "unique_id"), "none stated (MATH: MIT)"),
-    Source("minerva", "Minerva Math", "math-ai/minervamath", ("test.jsonl",), 272,
-           _problem_answer("question"), "none stated"),
+    Source("minerva", "Minerva Math", "math-ai/minervamath", ("test.jsonl|test-*.parquet",), 272,
+           _problem_answer("question"), "see its card"),
     Source("olympiadbench", "OlympiadBench (open-ended maths, English, competition)", "math-ai/olympiadbench",
-           ("test.jsonl",), 675, olympiadbench, "none stated (OlympiadBench: Apache-2.0)"),
+           ("test.jsonl|test-*.parquet",), 675, olympiadbench, "see its card (OlympiadBench: Apache-2.0)"),
     Source("gsm8k", "GSM8K test (out of domain)", "openai/gsm8k", ("main/test-*.parquet",), 1319, gsm8k, "MIT"),
     Source("gpqa_diamond", "GPQA-Diamond (out of domain, multiple choice)", "Idavidrein/gpqa", ("gpqa_diamond.csv",),
            198, gpqa, "CC-BY-4.0", gated=True),
@@ -165,6 +166,14 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def matching(names: list[str], entry: str) -> list[str]:
+    """The names (sorted) that `entry`'s first matching alternative matches; [] when none does."""
+    for pattern in entry.split("|"):
+        if hits := sorted(n for n in names if fnmatch.fnmatch(n, pattern)):
+            return hits
+    return []
+
+
 def download(source: Source) -> tuple[list[Path], str]:
     """The source's files in the local Hugging Face cache (downloaded when missing), and the commit they came from."""
     from huggingface_hub import constants, snapshot_download
@@ -172,7 +181,8 @@ def download(source: Source) -> tuple[list[Path], str]:
 
     page = f"https://huggingface.co/datasets/{source.repo}"
     try:
-        folder = Path(snapshot_download(source.repo, repo_type="dataset", allow_patterns=list(source.files)))
+        folder = Path(snapshot_download(source.repo, repo_type="dataset",
+                                        allow_patterns=[p for entry in source.files for p in entry.split("|")]))
     except GatedRepoError:
         raise PrepareError(f"{source.repo} is gated: accept its terms at {page}, then log in (`hf auth login`, or "
                            f"set HF_TOKEN) and run this again") from None
@@ -186,10 +196,8 @@ def download(source: Source) -> tuple[list[Path], str]:
                            "; run this command where there is network (it fills the same cache)") from None
     except Exception as e:  # network, disk: the hub's own message says which
         raise PrepareError(f"downloading {source.repo} failed ({type(e).__name__}: {e})") from None
-    found = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-    files = []
-    for pattern in source.files:
-        files += [found[name] for name in sorted(found) if fnmatch.fnmatch(name, pattern) and found[name] not in files]
+    found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    files = [folder / name for entry in source.files for name in matching(found, entry)]
     if not files:
         raise PrepareError(f"no file of {source.repo} matches {', '.join(source.files)}: the dataset's layout "
                            f"changed; see {page}/tree/main")

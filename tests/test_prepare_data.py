@@ -15,7 +15,7 @@ import pytest
 
 from conftest import child_env, make_tiny_checkpoint
 from data import load_problems
-from prepare_data import SOURCES, command_for, gpqa, gsm8k, olympiadbench
+from prepare_data import SOURCES, command_for, gpqa, gsm8k, matching, olympiadbench
 from rewards import grade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +78,9 @@ def source_files(sizes: dict[str, int] | None = None) -> dict[str, dict[str, byt
             "aime2025-I.jsonl": jsonl([{"question": f"AIME I problem {i}", "answer": str(100 + i)} for i in range(half)]),
             "aime2025-II.jsonl": jsonl([{"question": f"AIME II problem {i}", "answer": str(200 + i)}
                                         for i in range(n["aime25"] - half)])},
-        "math-ai/amc23": {"test.jsonl": jsonl([{"id": i, "question": f"AMC problem {i}", "answer": float(i),
-                                                "url": f"https://aops/2023_AMC_12A/{i}"} for i in range(n["amc23"])])},
+        "math-ai/amc23": {"test-00000-of-00001.parquet": parquet(
+            [{"id": i, "question": f"AMC problem {i}", "answer": float(i), "url": f"https://aops/2023_AMC_12A/{i}"}
+             for i in range(n["amc23"])])},
         "HuggingFaceH4/MATH-500": {"test.jsonl": jsonl(
             [{"problem": f"MATH problem {i}", "solution": f"\\boxed{{\\frac{{{i}}}{{7}}}}", "answer": f"\\frac{{{i}}}{{7}}",
               "subject": "Algebra", "level": 3, "unique_id": f"test/algebra/{i}.json"} for i in range(n["math500"])])},
@@ -143,6 +144,13 @@ def test_gpqa_options_are_shuffled_per_question_and_the_answer_letter_names_the_
         assert not grade("\\boxed{" + next(x for x in "ABCD" if x != row["answer"]) + "}", row["answer"])
         letters.append(row["answer"])
     assert set(letters) == set("ABCD")  # answering one letter everywhere scores about a quarter, not all
+
+
+def test_a_files_entry_takes_its_first_alternative_that_matches():
+    names = ["README.md", "data/test-00000-of-00002.parquet", "data/test-00001-of-00002.parquet", "test.jsonl"]
+    assert matching(names, "test.jsonl|data/test-*.parquet") == ["test.jsonl"]
+    assert matching(names, "data/test-*.parquet|test.jsonl") == names[1:3]  # every shard, in order
+    assert matching(names, "*.csv") == []
 
 
 def test_command_for_names_the_command_that_writes_a_missing_problem_file(tmp_path):
