@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -116,7 +117,10 @@ def update(cfg: Config, env: Env, policy: Qwen3, optimizer, scheduler, episodes:
         for part in parts:
             steps.append(_optimizer_step(cfg, env, policy, optimizer, part, old, temperature, reference,
                                          gap if old is None else None))  # old is None: one step
-    scheduler.step()  # once per batch: its optimizer steps share one rate (optim.warmup_steps counts batches)
+    with warnings.catch_warnings():  # a skipped step (non-finite loss) still counts as a batch of the schedule:
+        # PyTorch's warning that the schedule moved before any optimizer step is then expected, not a misuse
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        scheduler.step()  # once per batch: its optimizer steps share one rate (optim.warmup_steps counts batches)
     # one record per batch: token sums over the optimizer steps, token-weighted means, mean grad norm
     seen = sum(s["trained_tokens"] for s in steps)
     out = {"loss": sum(s["loss"] for s in steps), "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
