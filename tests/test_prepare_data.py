@@ -278,3 +278,23 @@ def test_eval_names_every_missing_benchmark_and_an_uncached_model_with_the_comma
         "  benchmark math500: data/bench/math500.jsonl does not exist; `python prepare_data.py math500` writes it",
         "  benchmark mine: data/bench/mine.jsonl does not exist; give a name under --data-dir or a .jsonl/.parquet path"]
     assert message[4].startswith("  --model: Qwen/Qwen3-8B-Base is not in the Hugging Face cache")
+
+
+def test_the_paper_configs_and_eval_read_where_the_command_writes(tmp_path, monkeypatch):
+    from config import load_config
+    from eval import default_data_dir
+    from prepare_data import destination
+
+    configs = sorted((ROOT / "configs").glob("qwen3_8b*.yaml"))
+    assert len(configs) == 5
+    for config in configs:
+        assert Path(load_config(config).data.train_path) == destination(SOURCES["deepscaler"]), config.name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "bench").mkdir(parents=True)
+    assert default_data_dir().resolve() == destination(SOURCES["aime24"]).parent.resolve()
+    # the README's evaluation of the paper's run names benchmarks the command writes
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Reproducing the paper"):]
+    names = re.search(r"--benchmarks (\S+)", section).group(1).split(",")
+    assert names == ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
+    assert all(n in SOURCES and not SOURCES[n].training for n in names)
