@@ -51,7 +51,7 @@ from hf_checkpoint import unavailable
 from meta_prediction import Outcome, meta_reward, parse_meta
 from model import Qwen3
 from parallel import setup_distributed
-from prepare_data import BENCH_DIR, command_for
+from prepare_data import BENCH_DIR, command_for, write_atomically
 from rewards import GraderPool, grade_batch
 from rollout import SamplingParams, generate
 
@@ -238,10 +238,12 @@ def benchmark_label(name: str) -> str:
     return path.stem if path.suffix in (".jsonl", ".parquet") else path.name
 
 
+SHARED_BENCH = Path(__file__).resolve().parent.parent / "shared" / "data" / "bench"  # this project's machines
+
+
 def default_data_dir() -> Path:
     """data/bench, where prepare_data.py writes; else this project's shared copy beside the repository."""
-    shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "bench"
-    return shared if shared.is_dir() and not BENCH_DIR.is_dir() else BENCH_DIR
+    return SHARED_BENCH if SHARED_BENCH.is_dir() and not BENCH_DIR.is_dir() else BENCH_DIR
 
 
 # What a benchmark's results depend on: a rerun into the same --out must match these to reuse them.
@@ -283,14 +285,6 @@ def completed(out: Path, settings: dict, labels: list[str], redo: bool) -> tuple
     files = before.get("files", {})
     return {label: results[label] for label in labels if label in results and files.get(label) ==
             settings["files"][label] and (out / "samples" / f"{label}.json").is_file()}, None
-
-
-def write_atomically(path: Path, text: str):
-    """Write `text` to `path` through a temporary file and a rename: a killed run leaves the old file or
-    the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_results(out: Path, settings: dict, results: dict, ks: list[int], meta: bool) -> str:

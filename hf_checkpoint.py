@@ -67,18 +67,20 @@ def unavailable(path) -> str | None:
 
     if not constants.HF_HUB_OFFLINE or cached(str(path)):
         return None
-    return (f"{path} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE forbids "
+    return (f"{path} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), or not all of it, and HF_HUB_OFFLINE forbids "
             f"downloading it: run `hf download {path}` where there is network (it fills the same cache; copy it here "
             f"if that is another machine), or point at a local directory with its config.json, *.safetensors and tokenizer")
 
 
-def cached(repo: str) -> Path | None:
-    """The snapshot of hub model `repo` in the local cache when it holds the config, every weight file and
-    a tokenizer; None otherwise. Never downloads."""
+def cached(repo: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The snapshot of hub model `repo` in the local cache (`cache_dir`, default huggingface_hub's) when
+    it holds the config, every weight file and a tokenizer (its config, and tokenizer.json or
+    vocab.json); None otherwise. Never downloads."""
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+        folder = Path(snapshot_download(repo, local_files_only=True, cache_dir=cache_dir,
+                                        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
     except Exception:  # not in the cache, or incomplete
         return None
     index = folder / "model.safetensors.index.json"
@@ -87,7 +89,8 @@ def cached(repo: str) -> Path | None:
     except (OSError, ValueError, KeyError):
         return None
     needed = ["config.json", "tokenizer_config.json", *weights]
-    return folder if all((folder / name).is_file() for name in needed) else None
+    tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    return folder if tokenizer and all((folder / name).is_file() for name in needed) else None
 
 
 _CONFIG_TYPES = {**dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

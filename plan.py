@@ -120,10 +120,11 @@ def memory_plan(cfg: Config, gpus: int, gpu_memory_gib: float, mean_response: fl
     out["peak_rollout"] = resident + out["kv_pool"] + out["decode_graphs"]
     out["peak_update"] = resident + out["gradients"] + out["gathered"] + out["activations"]
     out["fits"] = max(out["peak_rollout"], out["peak_update"]) <= 0.9 * out["gpu_memory"] - GIB and out["one_sequence_fits"]
-    # A lower bound on a step's time on a GPU of `gpu_speed` (bytes/s, flop/s), at the concurrency above
-    # (bench/sampler.py --long-tail's arithmetic): every decode step reads the rollout copy's weights and
-    # every position the decoded sequences hold; the update runs forward, the forward again (activation
-    # checkpointing) and backward (twice a forward) at 2 flops per parameter per token, at peak rate.
+    # A step's time at a GPU's peak rates `gpu_speed` (bytes/s, flop/s), with the response lengths and
+    # concurrency above (bench/sampler.py --long-tail's arithmetic): every decode step reads the rollout
+    # copy's weights and every position the decoded sequences hold; the update runs forward, the forward
+    # again (activation checkpointing) and backward (twice a forward) at 2 flops per parameter per token.
+    # A bound for those lengths; meta responses are shorter than solutions, which it does not model.
     bandwidth, flops = gpu_speed
     out["gpu_speed"] = gpu_speed
     concurrency = out["expected_concurrency"]
@@ -161,9 +162,9 @@ def print_plan(cfg: Config, plan: dict):
           f"its prompt and, on average, half its response)")
     bandwidth, flops = plan["gpu_speed"]
     if plan["sampling_seconds"] < float("inf"):  # else nothing decodes: the verdict below says why
-        print(f"  a step takes at least {plan['sampling_seconds']:.0f} s sampling (each decode step reads the weights and the "
-              f"held KV at {bandwidth / 1e12:.2f} TB/s) + {plan['update_seconds']:.0f} s updating (forward, recomputed "
-              f"forward and backward at {flops / 1e12:.0f} TFLOP/s): a bound at peak rates, not a measurement")
+        print(f"  at peak rates, with those lengths: {plan['sampling_seconds']:.0f} s sampling a step (each decode step "
+              f"reads the weights and the held KV at {bandwidth / 1e12:.2f} TB/s) + {plan['update_seconds']:.0f} s updating "
+              f"(forward, recomputed forward and backward at {flops / 1e12:.0f} TFLOP/s): an estimate, not a measurement")
     budget = 0.9 * plan["gpu_memory"] / GIB - 1
     verdict = "yes" if plan["fits"] else "NO: lower the peak that exceeds the budget (see the rows above)"
     print(f"fits: {verdict} (budget {budget:.1f} GiB: 90% of the GPU less 1 GiB for the CUDA context and "

@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import io
 import json
 import os
 import random
 import re
+import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ def _number(value) -> str:
 
 
 def _problem_answer(problem_key: str, *keep: str) -> Callable[[dict, int], dict]:
+    """The converter of a source whose rows hold the problem under `problem_key` and the answer under
+    "answer"; the fields `keep` are carried over where a row has them."""
     def convert(row: dict, index: int) -> dict:
         return {"problem": row[problem_key], "answer": _number(row["answer"]), **{k: row[k] for k in keep if k in row}}
     return convert
@@ -126,6 +130,7 @@ SOURCES = {s.name: s for s in [
 
 
 def destination(source: Source, train_dir: Path = TRAIN_DIR, bench_dir: Path = BENCH_DIR) -> Path:
+    """Where `source`'s problem file goes."""
     return (train_dir if source.training else bench_dir) / f"{source.name}.jsonl"
 
 
@@ -137,9 +142,11 @@ def command_for(path: str | Path) -> str | None:
     if source is None or path.suffix != ".jsonl":
         return None
     option, default = ("--train-dir", TRAIN_DIR) if source.training else ("--bench-dir", BENCH_DIR)
-    where = "" if path.parent.resolve() == default.resolve() else f" {option} {path.parent}"
-    return f"python prepare_data.py {source.name}{where}" + (" (gated: accept its terms on the hub and log in first)"
-                                                                 if source.gated else "")
+    where = "" if path.parent.resolve() == default.resolve() else f" {option} {shlex.quote(str(path.parent))}"
+    script = Path(__file__).resolve()  # as the user can run it from where they are (the defaults are relative to it)
+    script = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    return f"python {shlex.quote(str(script))} {source.name}{where}" + (
+        " (gated: accept its terms on the hub and log in first)" if source.gated else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,11 +166,13 @@ def read_rows(path: Path) -> list[dict]:
             raise PrepareError(f"{path.name} is parquet, which needs pyarrow: pip install -e '.[parquet]'") from None
         return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines(keepends=True)))
+    if path.suffix == ".csv":  # a quoted field may hold line breaks
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    # JSON lines end at "\n" only: str.splitlines would also split at U+2028 and the like, which JSON
+    # strings may hold raw
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def matching(names: list[str], entry: str) -> list[str]:
@@ -191,16 +200,19 @@ def download(source: Source) -> tuple[list[Path], str]:
             f" (gated: accept its terms at {page} and log in)" if source.gated else "")) from None
     except LocalEntryNotFoundError:
         raise PrepareError(f"{source.repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot "
-                           f"be downloaded: " + ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+                           f"be downloaded: " + ("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set" if constants.HF_HUB_OFFLINE else
                                                  "the hub cannot be reached") +
                            "; run this command where there is network (it fills the same cache)") from None
     except Exception as e:  # network, disk: the hub's own message says which
         raise PrepareError(f"downloading {source.repo} failed ({type(e).__name__}: {e})") from None
     found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    files = [folder / name for entry in source.files for name in matching(found, entry)]
-    if not files:
-        raise PrepareError(f"no file of {source.repo} matches {', '.join(source.files)}: the dataset's layout "
-                           f"changed; see {page}/tree/main")
+    files = []
+    for entry in source.files:
+        if not (names := matching(found, entry)):
+            raise PrepareError(f"no file of {source.repo} (commit {folder.name[:12]}) matches {entry!r}: the "
+                               f"dataset's layout changed (see {page}/tree/main), or the cache holds part of it "
+                               f"(run this again with network)")
+        files += [folder / name for name in names]
     return files, folder.name
 
 
@@ -212,12 +224,18 @@ def complete(path: Path, rows: int) -> bool:
         return sum(1 for line in f if line.strip()) == rows
 
 
-def write_atomically(path: Path, lines: list[str]):
+def write_atomically(path: Path, text: str):
+    """Write `text` (UTF-8) to `path` through a temporary file beside it and a rename: a killed process
+    leaves the old file or the new one, never half of one. The file gets the permissions a plain write
+    would (mkstemp's are owner-only). Also eval.py's, for its results."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -231,7 +249,15 @@ def prepare(source: Source, path: Path, any_size: bool = False) -> str:
     if complete(path, source.rows):
         return f"{path}: complete ({source.rows} rows), left as it is"
     files, commit = download(source)
-    rows = [row for file in files for row in read_rows(file)]
+    rows = []
+    for file in files:
+        try:
+            rows += read_rows(file)
+        except PrepareError:
+            raise
+        except Exception as e:  # a damaged or unexpected file: JSON, UTF-8, CSV or parquet errors
+            raise PrepareError(f"{file.name} of {source.repo} (commit {commit[:12]}) cannot be read ({type(e).__name__}: "
+                               f"{e}); if it is damaged, delete {file} from the Hugging Face cache and run this again") from None
     if len(rows) != source.rows and not any_size:
         raise PrepareError(f"{source.repo} gave {len(rows)} rows ({', '.join(f.name for f in files)}, commit "
                            f"{commit[:12]}), not the {source.rows} it is known to have: the dataset changed on the hub "
@@ -244,7 +270,7 @@ def prepare(source: Source, path: Path, any_size: bool = False) -> str:
             raise PrepareError(f"{source.repo}, row {index}: not in the format this converter reads "
                                f"({type(e).__name__}: {e}); its fields: {', '.join(row)}") from None
         problems.append({"id": f"{source.name}-{index}", **converted, "source": source.name})
-    write_atomically(path, [json.dumps(p, ensure_ascii=False) for p in problems])
+    write_atomically(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems))
     return f"{path}: {len(problems)} rows from {source.repo} (commit {commit[:12]})"
 
 
@@ -253,6 +279,7 @@ def prepare(source: Source, path: Path, any_size: bool = False) -> str:
 
 
 def listing() -> str:
+    """The datasets, for --help."""
     lines = ["datasets (name: what, Hugging Face source, rows, licence):"]
     for s in SOURCES.values():
         lines.append(f"  {s.name:<14}{s.title}; {s.repo}, {s.rows:,} rows, {s.licence}"

@@ -239,7 +239,7 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     model_path = initial_model(cfg, env.rank)
-    if env.main:  # a hub id is downloaded once, by rank 0; the others find it in the cache
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # a hub id is downloaded once per node; the others read the cache
         resolve(model_path)
     dist.barrier()
     model_path = str(resolve(model_path))

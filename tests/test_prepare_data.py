@@ -19,6 +19,7 @@ from prepare_data import SOURCES, command_for, gpqa, gsm8k, matching, olympiadbe
 from rewards import grade
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "prepare_data.py"  # as train.py and eval.py name it to a user outside the repository
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -35,7 +36,7 @@ def put_in_cache(cache: Path, repo: str, files: dict[str, bytes], kind: str = "d
 
 
 def jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()  # non-ASCII characters raw
 
 
 def parquet(rows: list[dict]) -> bytes:
@@ -56,8 +57,8 @@ def gpqa_csv(rows: list[dict]) -> bytes:
 
 
 def gpqa_row(i: int) -> dict:
-    return {"Question": f"Which particle is number {i}?", "Correct Answer": f"right {i}",
-            "Incorrect Answer 1": f"wrong a{i}", "Incorrect Answer 2": f"wrong b{i}", "Incorrect Answer 3": f"wrong c{i}",
+    return {"Question": f"Which particle\nis number {i}?", "Correct Answer": f"right {i}",
+            "Incorrect Answer 1": f"wrong a{i}\u2028", "Incorrect Answer 2": f"wrong b{i}", "Incorrect Answer 3": f"wrong c{i}",
             "Explanation": "because", "Record ID": f"rec{i}"}
 
 
@@ -84,8 +85,8 @@ def source_files(sizes: dict[str, int] | None = None) -> dict[str, dict[str, byt
         "HuggingFaceH4/MATH-500": {"test.jsonl": jsonl(
             [{"problem": f"MATH problem {i}", "solution": f"\\boxed{{\\frac{{{i}}}{{7}}}}", "answer": f"\\frac{{{i}}}{{7}}",
               "subject": "Algebra", "level": 3, "unique_id": f"test/algebra/{i}.json"} for i in range(n["math500"])])},
-        "math-ai/minervamath": {"test.jsonl": jsonl([{"question": f"Minerva problem {i}", "answer": f"{i}.5"}
-                                                     for i in range(n["minerva"])])},
+        "math-ai/minervamath": {"test.jsonl": jsonl([{"question": f"Minerva problem {i}\u2028(a line separator)",
+                                                      "answer": f"{i}.5"} for i in range(n["minerva"])])},
         "math-ai/olympiadbench": {"test.jsonl": jsonl(
             [{"id": 1600 + i, "question": f"Olympiad problem {i}", "solution": ["..."], "final_answer": [f"${i}$"],
               "context": None, "is_multiple_answer": False, "unit": None, "answer_type": "Numerical",
@@ -138,7 +139,7 @@ def test_gpqa_options_are_shuffled_per_question_and_the_answer_letter_names_the_
     for i in range(40):
         row = gpqa(gpqa_row(i), i)
         options = dict(re.findall(r"^\(([A-D])\) (.*)$", row["problem"], re.MULTILINE))
-        assert sorted(options.values()) == sorted([f"right {i}", f"wrong a{i}", f"wrong b{i}", f"wrong c{i}"])
+        assert sorted(options.values()) == sorted([f"right {i}", f"wrong a{i}", f"wrong b{i}", f"wrong c{i}"])  # stripped
         assert options[row["answer"]] == f"right {i}"
         assert grade(f"... so the answer is \\boxed{{{row['answer']}}}", row["answer"])
         assert not grade("\\boxed{" + next(x for x in "ABCD" if x != row["answer"]) + "}", row["answer"])
@@ -153,10 +154,12 @@ def test_a_files_entry_takes_its_first_alternative_that_matches():
     assert matching(names, "*.csv") == []
 
 
-def test_command_for_names_the_command_that_writes_a_missing_problem_file(tmp_path):
+def test_command_for_names_the_command_that_writes_a_missing_problem_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # where the README runs everything
     assert command_for("data/deepscaler.jsonl") == "python prepare_data.py deepscaler"
     assert command_for("data/bench/math500.jsonl") == "python prepare_data.py math500"
     assert command_for(tmp_path / "aime24.jsonl") == f"python prepare_data.py aime24 --bench-dir {tmp_path}"
+    assert command_for(tmp_path / "my data" / "aime24.jsonl").endswith(f"--bench-dir '{tmp_path / 'my data'}'")
     assert command_for("data/bench/mine.jsonl") is None and command_for("data/deepscaler.parquet") is None
     assert "gated" in command_for("data/bench/gpqa_diamond.jsonl")
 
@@ -192,8 +195,11 @@ def test_every_dataset_is_prepared_from_the_cache_with_its_known_size_and_a_reru
     assert written["amc23"][7]["answer"] == "7" and written["minerva"][3]["answer"] == "3.5"
     assert written["math500"][9]["answer"] == "\\frac{9}{7}" and written["olympiadbench"][5]["answer"] == "5"
     assert written["gsm8k"][12]["answer"] == "12000"
+    assert written["minerva"][0]["problem"] == "Minerva problem 0\u2028(a line separator)"
+    assert written["gpqa_diamond"][0]["problem"].startswith("Which particle\nis number 0?")
     assert all(grade(f"\\boxed{{{p['answer']}}}", p["answer"]) for p in written["gpqa_diamond"])
 
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "data").rglob("*.jsonl"))  # readable by others
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.jsonl")}
     again = prepare(tmp_path, cache, "all")
     assert again.returncode == 0, again.stderr
@@ -210,10 +216,23 @@ def test_a_source_of_the_wrong_size_or_missing_from_an_offline_cache_writes_noth
     assert out.returncode == 1
     assert "error: aime24: HuggingFaceH4/aime_2024 gave 29 rows" in out.stderr and "not the 30" in out.stderr
     assert "error: amc23: math-ai/amc23 is not in the Hugging Face cache" in out.stderr
-    assert "HF_HUB_OFFLINE is set" in out.stderr and "Traceback" not in out.stderr
+    assert "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set" in out.stderr and "Traceback" not in out.stderr
     assert "2 of 3 datasets not prepared: aime24, amc23" in out.stderr
     bench = tmp_path / "data" / "bench"
     assert sorted(p.name for p in bench.iterdir()) == ["minerva.jsonl"]  # the others: nothing, not even a temporary file
+
+
+def test_a_partial_or_damaged_cache_is_named_and_the_other_datasets_still_run(tmp_path):
+    cache = tmp_path / "hub"
+    files = source_files()
+    put_in_cache(cache, "opencompass/AIME2025", {"aime2025-I.jsonl": files["opencompass/AIME2025"]["aime2025-I.jsonl"]})
+    put_in_cache(cache, "math-ai/minervamath", {"test.jsonl": b'{"question": "half a row'})
+    put_in_cache(cache, "HuggingFaceH4/MATH-500", files["HuggingFaceH4/MATH-500"])
+    out = prepare(tmp_path, cache, "aime25", "minerva", "math500", "--any-size")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "error: aime25: no file of opencompass/AIME2025 (commit 0123456789ab) matches 'aime2025-II.jsonl'" in out.stderr
+    assert "error: minerva: test.jsonl of math-ai/minervamath (commit 0123456789ab) cannot be read (JSONDecodeError" in out.stderr
+    assert sorted(p.name for p in (tmp_path / "data" / "bench").iterdir()) == ["math500.jsonl"]  # not half of aime25
 
 
 def test_help_lists_every_dataset_with_its_source_and_row_count():
@@ -241,8 +260,9 @@ def test_the_papers_run_without_network_or_data_stops_at_once_naming_each_missin
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: the run cannot start:\n")
     lines = out.stderr.splitlines()[1:]
-    assert lines[0] == "  data.train_path: data/deepscaler.jsonl does not exist; `python prepare_data.py deepscaler` writes it"
-    assert lines[1] == "  validation.path: data/bench/math500.jsonl does not exist; `python prepare_data.py math500` writes it"
+    # the command as it runs from where the user is (the data folders are relative to there)
+    assert lines[0] == f"  data.train_path: data/deepscaler.jsonl does not exist; `python {SCRIPT} deepscaler` writes it"
+    assert lines[1] == f"  validation.path: data/bench/math500.jsonl does not exist; `python {SCRIPT} math500` writes it"
     assert lines[2].startswith("  model.path: Qwen/Qwen3-8B-Base is not in the Hugging Face cache")
     assert "`hf download Qwen/Qwen3-8B-Base`" in lines[2] and len(lines) == 3
     assert not (tmp_path / "runs").exists()  # nothing written: checkpoint.dir is runs/qwen3_8b_masa
@@ -258,13 +278,31 @@ def test_a_hub_model_in_the_cache_trains_offline_and_is_not_reported_missing(tmp
                              capture_output=True, text=True, timeout=120, cwd=tmp_path, env=offline(tmp_path))
     assert missing.returncode == 1
     assert missing.stderr.splitlines()[1:] == [
-        "  data.train_path: data/deepscaler.jsonl does not exist; `python prepare_data.py deepscaler` writes it"]
+        f"  data.train_path: data/deepscaler.jsonl does not exist; `python {SCRIPT} deepscaler` writes it"]
     (tmp_path / "problems.jsonl").write_text("".join(json.dumps({"problem": f"What is {a}+1?", "answer": str(a + 1)}) + "\n"
                                                      for a in range(8)))
     ran = subprocess.run([sys.executable, str(ROOT / "train.py"), *config, f"data.train_path={tmp_path / 'problems.jsonl'}"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=offline(tmp_path))
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_cached_model_counts_only_with_its_config_every_weight_shard_and_a_tokenizer(tmp_path):
+    from hf_checkpoint import cached
+
+    model = make_tiny_checkpoint(tmp_path / "tiny")
+    files = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    assert "tokenizer.json" in files and "model.safetensors" in files
+    for name, drop in [("whole", None), ("no-weights", "model.safetensors"), ("no-tokenizer", "tokenizer.json"),
+                       ("no-config", "config.json")]:
+        put_in_cache(tmp_path / "hub", f"org/{name}", {k: v for k, v in files.items() if k != drop}, kind="models")
+    assert cached("org/whole", tmp_path / "hub") == tmp_path / "hub" / "models--org--whole" / "snapshots" / COMMIT
+    assert [cached(f"org/{n}", tmp_path / "hub") for n in ("no-weights", "no-tokenizer", "no-config", "absent")] == [None] * 4
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    sharded = {"config.json": b"{}", "tokenizer_config.json": b"{}", "tokenizer.json": b"{}",
+               "model.safetensors.index.json": json.dumps(index).encode(), "model-00001-of-00002.safetensors": b""}
+    put_in_cache(tmp_path / "hub", "org/one-shard-missing", sharded, kind="models")
+    assert cached("org/one-shard-missing", tmp_path / "hub") is None
 
 
 def test_eval_names_every_missing_benchmark_and_an_uncached_model_with_the_commands_before_loading(tmp_path):
@@ -274,8 +312,8 @@ def test_eval_names_every_missing_benchmark_and_an_uncached_model_with_the_comma
     assert out.returncode == 2 and "Traceback" not in out.stderr
     message = out.stderr[out.stderr.index("error: cannot start:"):].splitlines()
     assert message[1:4] == [
-        "  benchmark aime24: data/bench/aime24.jsonl does not exist; `python prepare_data.py aime24` writes it",
-        "  benchmark math500: data/bench/math500.jsonl does not exist; `python prepare_data.py math500` writes it",
+        f"  benchmark aime24: data/bench/aime24.jsonl does not exist; `python {SCRIPT} aime24` writes it",
+        f"  benchmark math500: data/bench/math500.jsonl does not exist; `python {SCRIPT} math500` writes it",
         "  benchmark mine: data/bench/mine.jsonl does not exist; give a name under --data-dir or a .jsonl/.parquet path"]
     assert message[4].startswith("  --model: Qwen/Qwen3-8B-Base is not in the Hugging Face cache")
 
@@ -289,9 +327,14 @@ def test_the_paper_configs_and_eval_read_where_the_command_writes(tmp_path, monk
     assert len(configs) == 5
     for config in configs:
         assert Path(load_config(config).data.train_path) == destination(SOURCES["deepscaler"]), config.name
+    import eval as evaluation
+
+    monkeypatch.setattr(evaluation, "SHARED_BENCH", tmp_path / "shared" / "data" / "bench")
+    evaluation.SHARED_BENCH.mkdir(parents=True)  # this project's machines have one; users do not
     monkeypatch.chdir(tmp_path)
+    assert default_data_dir() == evaluation.SHARED_BENCH  # nothing prepared: the shared copy
     (tmp_path / "data" / "bench").mkdir(parents=True)
-    assert default_data_dir().resolve() == destination(SOURCES["aime24"]).parent.resolve()
+    assert default_data_dir().resolve() == destination(SOURCES["aime24"]).parent.resolve()  # prepared: that
     # the README's evaluation of the paper's run names benchmarks the command writes
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Reproducing the paper"):]
