@@ -51,7 +51,7 @@ from hf_checkpoint import unavailable
 from meta_prediction import Outcome, meta_reward, parse_meta
 from model import Qwen3
 from parallel import setup_distributed
-from prepare_data import BENCH_DIR, command_for, write_atomically
+from prepare_data import BENCH_DIR, missing_file, write_atomically
 from rewards import GraderPool, grade_batch
 from rollout import SamplingParams, generate
 
@@ -352,11 +352,8 @@ def evaluate(model: str, benchmarks: list[str] | str, *, data_dir: str | Path | 
         raise ValueError(f"--out {out} is a file; --out names a directory for results.json, results.md and samples/")
     # every missing input in one message, each with what provides it, before anything loads or downloads
     missing = [] if names else ["--benchmarks: none given"]
-    for b in names:
-        if not (path := benchmark_file(b, data_dir)).is_file():
-            command = command_for(path)
-            missing.append(f"benchmark {b}: {path} does not exist; " + (f"`{command}` writes it" if command else
-                           "give a name under --data-dir or a .jsonl/.parquet path"))
+    missing += [f"benchmark {b}: {why}" for b in names
+                if (why := missing_file(benchmark_file(b, data_dir), "give a name under --data-dir or a .jsonl/.parquet path"))]
     if why := unavailable(model):
         missing.append(f"--model: {why}")
     if missing:

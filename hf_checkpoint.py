@@ -26,6 +26,7 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # what a hub checkpoint needs: config, weights, tokenizer
 
 
 def _hf_name(key: str) -> str:
@@ -46,7 +47,7 @@ def resolve(path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+        return Path(snapshot_download(str(path), allow_patterns=CHECKPOINT_FILES))
     except Exception as e:
         raise FileNotFoundError(f"checkpoint {str(path)!r} is not a local directory, and downloading it from the "
                                 f"Hugging Face hub failed ({type(e).__name__}: {e}); check the name, the "
@@ -80,7 +81,7 @@ def cached(repo: str, cache_dir: str | Path | None = None) -> Path | None:
 
     try:
         folder = Path(snapshot_download(repo, local_files_only=True, cache_dir=cache_dir,
-                                        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+                                        allow_patterns=CHECKPOINT_FILES))
     except Exception:  # not in the cache, or incomplete
         return None
     index = folder / "model.safetensors.index.json"

@@ -149,6 +149,15 @@ def command_for(path: str | Path) -> str | None:
         " (gated: accept its terms on the hub and log in first)" if source.gated else "")
 
 
+def missing_file(path: str | Path, otherwise: str) -> str | None:
+    """None when problem file `path` exists; else that it does not, with the command that writes it, or
+    `otherwise` (what the user can do instead) for a file this module does not make."""
+    if Path(path).is_file():
+        return None
+    command = command_for(path)
+    return f"{path} does not exist; " + (f"`{command}` writes it" if command else otherwise)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Download, convert, check, write
 

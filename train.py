@@ -50,7 +50,7 @@ from masa_step import Expert, collect, prompts_fit, validate
 from model import Qwen3
 from parallel import Env, all_reduce, build_policy, refresh_actor, same_count, setup_distributed, weight_norm
 from plan import GIB, check_sizes, memory_plan, print_plan
-from prepare_data import command_for
+from prepare_data import missing_file
 from rewards import GraderPool, grade_batch
 from rollout import generate
 from training_report import plot_training, progress_bar, run_summary
@@ -239,10 +239,10 @@ def prepare(cfg: Config, env: Env, resuming: Path | None) -> Run:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     model_path = initial_model(cfg, env.rank)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # a hub id is downloaded once per node; the others read the cache
-        resolve(model_path)
+    # a hub id is downloaded once per node, by its first process; the others then find it in the cache
+    downloaded = resolve(model_path) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
     dist.barrier()
-    model_path = str(resolve(model_path))
+    model_path = str(downloaded or resolve(model_path))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     problems = training_problems(cfg, partial(prompts_fit, tokenizer, cfg), verbose=env.main)
     low = getattr(torch, cfg.model.dtype)
@@ -396,12 +396,8 @@ def missing_inputs(cfg: Config) -> list[str]:
     found before anything loads or downloads, so that one message names them all."""
     files = [("data.train_path", cfg.data.train_path)] if cfg.data.source == "file" else []
     files += [("validation.path", cfg.validation.path)] if cfg.validation.path else []
-    missing = []
-    for key, path in files:
-        if not Path(path).is_file():
-            command = command_for(path)
-            missing.append(f"{key}: {path} does not exist; " + (f"`{command}` writes it" if command else
-                           f"set {key} to a problem file (JSONL or parquet with \"problem\" and \"answer\")"))
+    missing = [f"{key}: {why}" for key, path in files
+               if (why := missing_file(path, f"set {key} to a problem file (JSONL or parquet with \"problem\" and \"answer\")"))]
     if cfg.model.init == "pretrained" and (why := unavailable(cfg.model.path)):
         missing.append(f"model.path: {why}")
     return missing
